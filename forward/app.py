@@ -1,0 +1,191 @@
+"""Wiring: the aiohttp applications, their listeners, and the ordered start and shutdown.
+
+`-p` gets the HTTP application (a WebSocket upgrade on any path becomes a session, anything else
+is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set owned by the
+`Server`, so shutdown can reach every open session whichever port it came in on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import hdrs, web
+
+from .config import Config, ConfigError
+from .relay import RelaySettings, Session, first_subprotocol
+
+log = logging.getLogger(__name__)
+
+Sessions = weakref.WeakSet[Session]
+SESSIONS = web.AppKey("sessions", Sessions)
+RELAY = web.AppKey("relay", RelaySettings)
+LISTENER = web.AppKey("listener", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_upgrade(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
+    )
+
+
+async def websocket_session(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    ws = web.WebSocketResponse(
+        protocols=first_subprotocol(request),
+        # Rserve -> browser frames are written by the relay; browser -> Rserve messages are
+        # bounded by the QAP limit in the relay, so aiohttp's own cap is set to match it.
+        max_msg_size=app[RELAY].max_message_size,
+        compress=False,
+        autoping=True,
+    )
+    await ws.prepare(request)
+    session = Session(request, ws, app[RELAY], f"{request.remote} on {app[LISTENER]}")
+    app[SESSIONS].add(session)
+    try:
+        await session.run()
+    finally:
+        app[SESSIONS].discard(session)
+    return ws
+
+
+async def ws_only(request: web.Request) -> web.StreamResponse:
+    if is_upgrade(request):
+        return await websocket_session(request)
+    raise web.HTTPUpgradeRequired(
+        text="This port serves WebSocket sessions only.\n", headers={hdrs.UPGRADE: "websocket"}
+    )
+
+
+def http_entry(fallback: Handler) -> Handler:
+    async def entry(request: web.Request) -> web.StreamResponse:
+        if is_upgrade(request):
+            return await websocket_session(request)
+        return await fallback(request)
+
+    return entry
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound(text="Not found.\n")
+
+
+def build_app(
+    relay: RelaySettings, sessions: Sessions, listener: str, handler: Handler
+) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[RELAY] = relay
+    app[SESSIONS] = sessions
+    app[LISTENER] = listener
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+@dataclass
+class Server:
+    """The running listeners of one forward process."""
+
+    config: Config
+    ssl_context: ssl.SSLContext | None = None
+    http_handler: Handler = not_found
+    sessions: Sessions = field(default_factory=weakref.WeakSet)
+    runners: dict[str, web.AppRunner] = field(default_factory=dict)
+
+    def relay_settings(self) -> RelaySettings:
+        c = self.config
+        return RelaySettings(c.socket, c.heartbeat, c.max_message_size, c.backend_timeout)
+
+    async def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
+        """Serve on every listener or on none: a bind failure stops what was started and raises
+        ConfigError. `listeners` ("http", "ws" -> bound sockets) replaces binding by the config;
+        tests pass sockets bound to port 0, a supervisor passes inherited ones."""
+        c = self.config
+        relay = self.relay_settings()
+        apps: dict[str, web.Application] = {}
+        if c.http_port > 0:
+            apps["http"] = build_app(relay, self.sessions, "http", http_entry(self.http_handler))
+        if c.ws_port > 0:
+            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only)
+        try:
+            socks = listeners if listeners is not None else bind_listeners(c)
+            for name, app in apps.items():
+                app.on_shutdown.append(self._close_sessions)
+                runner = web.AppRunner(app, access_log=None, shutdown_timeout=c.shutdown_timeout)
+                await runner.setup()
+                self.runners[name] = runner
+                for sock in socks.get(name, ()):
+                    site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
+                    await site.start()
+        except BaseException:
+            await self.stop()
+            raise
+        for name, runner in self.runners.items():
+            for addr in runner.addresses:
+                log.info("listening on %s (%s)", _show(addr), name)
+
+    def port(self, name: str) -> int:
+        """The port a listener is bound to ("http" or "ws"), useful after binding port 0."""
+        return int(self.runners[name].addresses[0][1])
+
+    async def _close_sessions(self, app: web.Application) -> None:
+        for session in list(self.sessions):
+            session.close(1001, "forward is shutting down", notice=True)
+
+    async def stop(self) -> None:
+        # AppRunner.cleanup closes the listeners first, then runs on_shutdown (which closes the
+        # sessions), then waits up to shutdown_timeout for handlers before cancelling them.
+        runners, self.runners = self.runners, {}
+        for runner in reversed(runners.values()):
+            await runner.cleanup()
+
+
+def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
+    """Bind the configured ports; each failure becomes one clear ConfigError."""
+    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port)]
+    out: dict[str, list[socket.socket]] = {}
+    try:
+        for name, flag, port in plan:
+            if port <= 0:
+                continue
+            for host in config.hosts or (None,):
+                try:
+                    out.setdefault(name, []).append(_bind(host, port))
+                except OSError as exc:
+                    where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+                    raise ConfigError(
+                        f"cannot listen on {where} ({flag}): {exc.strerror or exc}"
+                    ) from exc
+    except BaseException:
+        for socks in out.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return out
+
+
+def _bind(host: str | None, port: int) -> socket.socket:
+    if host is None:
+        # All interfaces, IPv6 and IPv4 on one socket where the system has IPv6.
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
+            )
+        return socket.create_server(("", port), backlog=1024)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    return socket.create_server(addr[:2], family=family, backlog=1024)
+
+
+def _show(addr: object) -> str:
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)

@@ -1,0 +1,172 @@
+"""forward's settings: one frozen `Config`, each setting declared once.
+
+A setting is a dataclass field whose metadata names its command-line flags (the C program's short
+flag first, so existing command lines keep working) and its help text; `cli.py` derives the parser
+from these fields. `Config.validate` turns a bad combination into a `ConfigError` with one
+human sentence, before anything is bound or served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the message is shown to the user as it is."""
+
+
+def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"flags": flags, "help": help, "metavar": metavar, **kw})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    http_port: int = _opt(
+        8088,
+        "-p",
+        "--http-port",
+        metavar="PORT",
+        help="HTTP(S) port: static files, .R scripts and WebSocket upgrade on any path; "
+        "0 or negative disables it (default 8088)",
+    )
+    ws_port: int = _opt(
+        0,
+        "-w",
+        "--ws-port",
+        metavar="PORT",
+        help="WebSocket-only port, any path (default: off)",
+    )
+    socket: str = _opt(
+        "Rserve_socket",
+        "-s",
+        "--socket",
+        metavar="PATH",
+        help="unix socket of the QAP Rserve each WebSocket session is relayed to "
+        "(default Rserve_socket)",
+    )
+    rscript_socket: str = _opt(
+        "Rscript_socket",
+        "-R",
+        "--rscript-socket",
+        metavar="PATH",
+        help="unix socket of an OCAP-mode Rserve that renders .R URLs (default Rscript_socket)",
+    )
+    doc_root: str = _opt(
+        ".", "-r", "--doc-root", metavar="DIR", help="document root for static files (default .)"
+    )
+    tls_key: str | None = _opt(
+        None,
+        "-k",
+        "--tls-key",
+        metavar="FILE",
+        help="TLS private key (PEM); with it both ports speak TLS only",
+    )
+    tls_cert: str | None = _opt(
+        None, "-c", "--tls-cert", metavar="FILE", help="TLS certificate (PEM), required with -k"
+    )
+    tls_ca: str | None = _opt(
+        None,
+        "-C",
+        "--tls-ca",
+        metavar="FILE",
+        help="CA chain (PEM): sent after the certificate, trust store for client certificates",
+    )
+    ulog: str = _opt(
+        "ulog_socket",
+        "-u",
+        "--ulog",
+        metavar="TARGET",
+        help="where log lines are also sent: a unix datagram socket path, udp://IP[:port] or "
+        "tcp://IP[:port] (default ulog_socket; a missing socket is ignored)",
+    )
+    server_manager: str | None = _opt(
+        None,
+        "-S",
+        "--server-manager",
+        metavar="HOST[:PORT]",
+        help="send ADD to HOST:PORT (port 40 by default) once listening and DEL at shutdown",
+    )
+    bind: tuple[str, ...] = _opt(
+        (),
+        "-b",
+        "--bind",
+        metavar="ADDR",
+        action="append",
+        help="address to listen on, IPv4 or IPv6; repeatable (default: all interfaces; "
+        "127.0.0.1 behind a local nginx)",
+    )
+    heartbeat: float = _opt(
+        600.0,
+        "--heartbeat",
+        metavar="SECONDS",
+        help="interval of the OOB 'idle' message sent on quiet sessions so that proxies keep "
+        "them; 0 disables it (default 600, as the C forward)",
+    )
+    max_message_size: int = _opt(
+        256 * 1024 * 1024,
+        "--max-message-size",
+        metavar="BYTES",
+        help="largest QAP message a browser may send to R (default 256 MiB; 0: no limit)",
+    )
+    backend_timeout: float = _opt(
+        10.0,
+        "--backend-timeout",
+        metavar="SECONDS",
+        help="how long to wait for the Rserve socket to accept a session (default 10)",
+    )
+    shutdown_timeout: float = _opt(
+        10.0,
+        "--shutdown-timeout",
+        metavar="SECONDS",
+        help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
+    )
+    log_level: str = _opt(
+        "info",
+        "--log-level",
+        metavar="LEVEL",
+        choices=("debug", "info", "warning", "error"),
+        help="debug, info, warning or error (default info)",
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_key is not None
+
+    @property
+    def hosts(self) -> tuple[str, ...] | None:
+        """Addresses to bind, or None for all interfaces (aiohttp's and the C program's default)."""
+        return self.bind or None
+
+    def validate(self) -> Config:
+        for name in ("http_port", "ws_port"):
+            port = getattr(self, name)
+            if port > 65535:
+                flag = _field(name).metadata["flags"][0]
+                raise ConfigError(f"{flag} {port}: a port must be between 1 and 65535")
+        if self.http_port <= 0 and self.ws_port <= 0:
+            raise ConfigError("nothing to listen on: both -p and -w are disabled")
+        if self.http_port > 0 and self.http_port == self.ws_port:
+            raise ConfigError(f"-p and -w are both {self.http_port}: give them different ports")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError(
+                "-k <key> requires a corresponding certificate to be supplied with -c <cert>"
+            )
+        if self.tls_cert and not self.tls_key:
+            raise ConfigError("-c <cert> needs the private key that goes with it: add -k <key>")
+        if self.heartbeat < 0:
+            raise ConfigError("--heartbeat must be 0 (off) or a positive number of seconds")
+        if self.max_message_size < 0:
+            raise ConfigError("--max-message-size must be 0 (no limit) or a number of bytes")
+        if not self.socket:
+            raise ConfigError("-s needs the path of the Rserve unix socket")
+        return self
+
+
+def _field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(Config) if f.name == name)
+
+
+def settings() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Config)

@@ -1,0 +1,335 @@
+"""One WebSocket <-> Rserve session: the async shell around `qap.py`.
+
+Rserve -> browser runs in the backend protocol's `data_received` callback: each chunk the
+`ServerStream` yields is written at once to the browser's transport as a WebSocket frame (a whole
+message as one frame, a long one as one fragmented message), and reading from Rserve pauses while
+the browser's transport is over its high-water mark. Browser -> Rserve runs in the request's task:
+aiohttp reassembles WebSocket messages, the `ClientStream` cuts them into QAP chunks and each is
+written to Rserve; the loop stops reading from the browser while Rserve's socket is full.
+
+How each end's failure maps to the other (SPEC section 2):
+- Rserve cannot be reached, sends no valid greeting, or dies in the middle of a message: the
+  browser gets a close code with a reason (1011), the session ends.
+- Rserve closes between messages: the browser stays; every request still waiting for an answer,
+  and every later one, is answered with ERR_conn_broken and its own msg_id.
+- A write to Rserve fails: the browser gets the OOB_SEND shutdown notice, then as above.
+- The browser closes or goes away: the Rserve stream is closed, which ends that R process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import WSMsgType, web
+
+from . import qap
+from .wsframe import Opcode, frame_header
+
+if TYPE_CHECKING:
+    from aiohttp.base_protocol import BaseProtocol
+
+log = logging.getLogger(__name__)
+
+# Below this size header and payload are joined into one write; above it they go as two buffers.
+_JOIN_LIMIT = 16 * 1024
+# WebSocket close reasons are limited to 123 bytes of UTF-8.
+_REASON_MAX = 123
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    socket: str
+    heartbeat: float
+    max_message_size: int
+    backend_timeout: float
+
+
+class _Backend(asyncio.Protocol):
+    """The unix-socket end: hands bytes to the session and reports flow control."""
+
+    __slots__ = ("_drained", "_session", "transport")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._drained: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._session.from_backend(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: Rserve does not half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._wake()
+        self._session.backend_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
+
+    async def drain(self) -> None:
+        if self._drained is not None:
+            await self._drained
+
+
+class Session:
+    """State of one relayed session; the app keeps these in a set, nothing else is shared."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        settings: RelaySettings,
+        label: str,
+    ) -> None:
+        self.id = next(self._ids)
+        self.label = label  # "peer via listener", for the log
+        self._request = request
+        self._ws = ws
+        self._settings = settings
+        limit = settings.max_message_size or None
+        self._server = qap.ServerStream()
+        self._client = qap.ClientStream(limit)
+        self._backend: _Backend | None = None
+        self._backend_alive = False
+        self._reading_paused = False
+        self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._resumer: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+        self.ended = "open"
+        self.bytes_from_r = 0
+        self.bytes_to_r = 0
+
+    @property
+    def mode(self) -> str:
+        return self._server.mode.value if self._server.mode else "-"
+
+    # -- the session's life ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        path = self._settings.socket
+        try:
+            async with asyncio.timeout(self._settings.backend_timeout):
+                _, backend = await loop.create_unix_connection(lambda: _Backend(self), path)
+        except (OSError, TimeoutError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            log.warning("session %d from %s: cannot reach Rserve at %s: %s",
+                        self.id, self.label, path, why)
+            self.ended = "Rserve unreachable"
+            await self._ws.close(code=1011, message=_reason(f"Rserve unavailable: {why}"))
+            return
+        self._backend, self._backend_alive = backend, True
+        log.info("session %d from %s opened", self.id, self.label)
+        if self._settings.heartbeat > 0:
+            self._heartbeat = loop.call_later(self._settings.heartbeat, self._beat)
+        try:
+            await self._from_browser()
+        finally:
+            self._finish()
+
+    async def _from_browser(self) -> None:
+        ws = self._ws
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                data: bytes = msg.data
+            elif msg.type is WSMsgType.TEXT:
+                # Same as the C forward: a text frame's bytes are part of the QAP stream.
+                data = msg.data.encode()
+            else:  # ERROR: aiohttp has already closed the WebSocket with a suitable code
+                self.ended = f"WebSocket error: {ws.exception()}"
+                return
+            self._to_backend(data)
+            backend = self._backend
+            if backend is not None:
+                await backend.drain()
+        if self.ended == "open":
+            self.ended = f"browser closed ({ws.close_code})"
+
+    def _finish(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.transport is not None:
+            backend.transport.close()
+        log.info(
+            "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
+            self.id, self.label, self.mode, self.bytes_to_r, self.bytes_from_r,
+            time.monotonic() - self._started, self.ended,
+        )
+
+    def close(self, code: int, reason: str, *, notice: bool = False) -> None:
+        """End the session from outside the request task (protocol errors, server shutdown)."""
+        if self._closer is not None or self._ws.closed:
+            return
+        if notice and not self._server.in_message:
+            self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
+        if self.ended == "open":
+            self.ended = reason
+        self._closer = asyncio.get_running_loop().create_task(
+            self._ws.close(code=code, message=_reason(reason))
+        )
+
+    # -- browser -> Rserve -------------------------------------------------------------------
+
+    def _to_backend(self, data: bytes) -> None:
+        backend = self._backend if self._backend_alive else None
+        out: list[bytes | memoryview] = []
+        try:
+            for chunk in self._client.feed(data):
+                if backend is not None:
+                    out.append(chunk.data)
+                    if chunk.first and not qap.is_response(chunk.header.cmd):
+                        self._pending.append(chunk.header.msg_id)
+                elif chunk.last:
+                    self._answer_broken(chunk.header.msg_id)
+        except qap.QAPError as exc:
+            log.warning("session %d from %s: refused browser data: %s",
+                        self.id, self.label, exc.reason)
+            self.close(exc.close_code, exc.reason)
+        if out and backend is not None and backend.transport is not None:
+            try:
+                backend.transport.writelines(out)
+            except (OSError, RuntimeError) as exc:
+                log.warning("session %d from %s: write to Rserve failed: %s",
+                            self.id, self.label, exc)
+                self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
+                self._lose_backend()
+                return
+            self.bytes_to_r += sum(len(b) for b in out)
+
+    def _answer_broken(self, msg_id: int) -> None:
+        self._write_frame(Opcode.BINARY, qap.conn_broken(msg_id))
+
+    # -- Rserve -> browser -------------------------------------------------------------------
+
+    def from_backend(self, data: bytes) -> None:
+        self.bytes_from_r += len(data)
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            for item in self._server.feed(data):
+                if isinstance(item, qap.Greeting):
+                    log.info("session %d from %s: Rserve in %s mode",
+                             self.id, self.label, item.mode.value)
+                    if item.data:
+                        self._write_frame(Opcode.TEXT, item.data)
+                    continue
+                if item.first and qap.is_response(item.header.cmd):
+                    self._answered()
+                opcode = Opcode.BINARY if item.first else Opcode.CONTINUATION
+                self._write_frame(opcode, item.data, item.last)
+        except qap.QAPError as exc:
+            log.warning("session %d from %s: %s", self.id, self.label, exc.reason)
+            self._lose_backend()
+            self.close(exc.close_code, exc.reason)
+            return
+        protocol: BaseProtocol | None = self._request.protocol
+        if protocol is not None and protocol.writing_paused and not self._reading_paused:
+            self._pause_backend(protocol)
+
+    def _answered(self) -> None:
+        if self._pending:
+            self._pending.pop()
+
+    def _pause_backend(self, protocol: BaseProtocol) -> None:
+        backend = self._backend
+        if backend is None or backend.transport is None:
+            return
+        backend.transport.pause_reading()
+        self._reading_paused = True
+
+        async def resume() -> None:
+            # The same wait aiohttp's own WebSocket writer does when the transport is full.
+            with contextlib.suppress(ConnectionError):
+                await protocol._drain_helper()
+            self._reading_paused = False
+            if backend.transport is not None:
+                backend.transport.resume_reading()
+
+        self._resumer = asyncio.get_running_loop().create_task(resume())
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        self._backend_alive = False
+        if self._backend is None:
+            return  # we closed it ourselves
+        if self._server.mode is None:
+            why = "Rserve closed the connection before its greeting"
+        elif self._server.in_message:
+            why = "Rserve closed the connection in the middle of a message"
+        else:
+            why = ""
+        if why:
+            log.warning("session %d from %s: %s", self.id, self.label, why)
+            self.close(1011, why)
+            return
+        log.info("session %d from %s: Rserve closed the session%s; answering %d pending "
+                 "request(s) with ERR_conn_broken", self.id, self.label,
+                 f" ({exc})" if exc else "", len(self._pending))
+        self._lose_backend()
+
+    def _lose_backend(self) -> None:
+        self._backend_alive = False
+        backend = self._backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.abort()
+        # Newest first: nested OCAP calls unwind like a stack.
+        while self._pending:
+            self._answer_broken(self._pending.pop())
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _write_frame(self, opcode: int, data: bytes | memoryview, fin: bool = True) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing() or self._ws.closed:
+            return
+        head = frame_header(opcode, fin, len(data))
+        if len(data) <= _JOIN_LIMIT:
+            transport.write(head + data)
+        else:
+            transport.writelines((head, data))
+
+    def _beat(self) -> None:
+        # Only between messages: a data frame inside a fragmented message would corrupt it, and a
+        # message in flight keeps proxies from timing out anyway.
+        if not self._server.in_message and self._backend_alive:
+            self._write_frame(Opcode.BINARY, qap.IDLE_MESSAGE)
+        self._heartbeat = asyncio.get_running_loop().call_later(self._settings.heartbeat, self._beat)
+
+
+def _reason(text: str) -> bytes:
+    raw = text.encode()
+    return raw if len(raw) <= _REASON_MAX else raw[: _REASON_MAX - 3] + b"..."
+
+
+def first_subprotocol(request: web.Request) -> tuple[str, ...]:
+    """The first protocol the browser offers, which is what the session answers with."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    first = offered.split(",", 1)[0].strip()
+    return (first,) if first else ()
