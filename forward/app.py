@@ -7,17 +7,22 @@ is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import ssl
+import stat
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import hdrs, web
 
+from . import accesslog, health
 from .config import Config, ConfigError
 from .relay import RelaySettings, Session, first_subprotocol
+from .stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,8 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         autoping=True,
     )
     await ws.prepare(request)
-    session = Session(request, ws, app[RELAY], f"{request.remote} on {app[LISTENER]}")
+    client = accesslog.client_address(request, app.get(accesslog.TRUSTED, ()))
+    session = Session(request, ws, app[RELAY], f"{client} on {app[LISTENER]}")
     app[SESSIONS].add(session)
     try:
         await session.run()
@@ -98,10 +104,14 @@ class Server:
     http_handler: Handler = not_found
     sessions: Sessions = field(default_factory=weakref.WeakSet)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
+    # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
+    stats: Stats = field(default_factory=Stats)
+    row: int = 0
 
     def relay_settings(self) -> RelaySettings:
         c = self.config
-        return RelaySettings(c.socket, c.heartbeat, c.max_message_size, c.backend_timeout)
+        return RelaySettings(c.socket, c.heartbeat, c.max_message_size, c.backend_timeout,
+                             self.stats.slot(self.row))
 
     async def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
         """Serve on every listener or on none: a bind failure stops what was started and raises
@@ -114,11 +124,22 @@ class Server:
             apps["http"] = build_app(relay, self.sessions, "http", http_entry(self.http_handler))
         if c.ws_port > 0:
             apps["ws"] = build_app(relay, self.sessions, "ws", ws_only)
+        networks = accesslog.parse_networks(c.trusted_proxies)
+        for app in apps.values():
+            app[accesslog.TRUSTED] = networks
+            app[accesslog.STATS_ROW] = relay.stats
+        if c.admin_port > 0:
+            admin = health.Admin(c.socket, self.stats, c.workers)
+            apps["admin"] = health.build_admin_app(admin)
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():
-                app.on_shutdown.append(self._close_sessions)
-                runner = web.AppRunner(app, access_log=None, shutdown_timeout=c.shutdown_timeout)
+                if name != "admin":
+                    app.on_shutdown.append(self._close_sessions)
+                runner = web.AppRunner(
+                    app, shutdown_timeout=c.shutdown_timeout,
+                    access_log_class=accesslog.AccessLogger, access_log=accesslog.log,
+                )
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
@@ -163,12 +184,52 @@ def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
                     raise ConfigError(
                         f"cannot listen on {where} ({flag}): {exc.strerror or exc}"
                     ) from exc
+        if config.listen_unix:
+            try:
+                out.setdefault("http", []).append(bind_unix(config.listen_unix))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.listen_unix} (--listen-unix): "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        if config.admin_port > 0:
+            try:
+                out["admin"] = [_bind(config.admin_bind, config.admin_port)]
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.admin_bind}:{config.admin_port} (--admin-port): "
+                    f"{exc.strerror or exc}"
+                ) from exc
     except BaseException:
         for socks in out.values():
             for sock in socks:
                 sock.close()
         raise
     return out
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at `path`, replacing a stale socket file (never a regular file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # Group-writable: nginx or a sidecar in the socket's group connects; others do not.
+        os.chmod(path, 0o660)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def unlink_unix(config: Config) -> None:
+    if config.listen_unix:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(config.listen_unix).st_mode):
+                os.unlink(config.listen_unix)
 
 
 def _bind(host: str | None, port: int) -> socket.socket:

@@ -122,6 +122,43 @@ class Config:
         metavar="SECONDS",
         help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
     )
+    listen_unix: str | None = _opt(
+        None,
+        "--listen-unix",
+        metavar="PATH",
+        help="also serve the -p application on this unix socket (for nginx or a container in "
+        "front); the file is replaced at start and removed at exit",
+    )
+    admin_port: int = _opt(
+        0,
+        "--admin-port",
+        metavar="PORT",
+        help="port of the admin listener with /healthz, /livez and /metrics (default: off)",
+    )
+    admin_bind: str = _opt(
+        "127.0.0.1",
+        "--admin-bind",
+        metavar="ADDR",
+        help="address of the admin listener (default 127.0.0.1: keep it off the public side)",
+    )
+    trusted_proxies: tuple[str, ...] = _opt(
+        ("127.0.0.0/8", "::1/128"),
+        "--trusted-proxy",
+        metavar="CIDR",
+        action="append",
+        help="peer address or network whose X-Real-IP / X-Forwarded-For is believed in the "
+        "access log; repeatable (default: loopback and unix-socket peers)",
+    )
+    workers: int = _opt(
+        1,
+        "--workers",
+        metavar="N",
+        help="worker processes sharing the listeners, supervised and restarted by the parent "
+        "(default 1: no parent)",
+    )
+    pid_file: str | None = _opt(
+        None, "--pid-file", metavar="FILE", help="write the (parent's) process id to FILE"
+    )
     log_level: str = _opt(
         "info",
         "--log-level",
@@ -161,7 +198,30 @@ class Config:
             raise ConfigError("--max-message-size must be 0 (no limit) or a number of bytes")
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
+        self._validate_ops()
         return self
+
+
+    def _validate_ops(self) -> None:
+        # Imported here: these modules parse their own option values and must not import config.
+        from .accesslog import parse_networks
+        from .srvmgr import ServerManagerError
+        from .srvmgr import parse as parse_manager
+        from .ulog import ULogError, parse_target
+
+        try:
+            parse_target(self.ulog)
+            if self.server_manager:
+                parse_manager(self.server_manager)
+            parse_networks(self.trusted_proxies)
+        except (ULogError, ServerManagerError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError(f"--admin-port {self.admin_port}: 0 (off) or a port up to 65535")
+        if self.admin_port and self.admin_port in (self.http_port, self.ws_port):
+            raise ConfigError(f"--admin-port {self.admin_port} is already used by -p or -w")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError(f"--workers {self.workers}: between 1 and 256")
 
 
 def _field(name: str) -> dataclasses.Field[Any]:

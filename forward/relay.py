@@ -23,12 +23,13 @@ import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import WSMsgType, web
 
 from . import qap
+from .stats import Slot, Stat
 from .wsframe import Opcode, frame_header
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class RelaySettings:
     heartbeat: float
     max_message_size: int
     backend_timeout: float
+    # Where the session's counters go (/metrics); a private row when nobody reads them.
+    stats: Slot = field(default_factory=Slot.private)
 
 
 class _Backend(asyncio.Protocol):
@@ -121,6 +124,8 @@ class Session:
         self._closer: asyncio.Task[None] | None = None
         self._resumer: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self._stats = settings.stats
+        self._counted = False
         self.ended = "open"
         self.bytes_from_r = 0
         self.bytes_to_r = 0
@@ -142,9 +147,13 @@ class Session:
             log.warning("session %d from %s: cannot reach Rserve at %s: %s",
                         self.id, self.label, path, why)
             self.ended = "Rserve unreachable"
+            self._stats.add(Stat.BACKEND_FAILURES)
             await self._ws.close(code=1011, message=_reason(f"Rserve unavailable: {why}"))
             return
         self._backend, self._backend_alive = backend, True
+        self._stats.add(Stat.SESSIONS_TOTAL)
+        self._stats.add(Stat.SESSIONS_OPEN)
+        self._counted = True
         log.info("session %d from %s opened", self.id, self.label)
         if self._settings.heartbeat > 0:
             self._heartbeat = loop.call_later(self._settings.heartbeat, self._beat)
@@ -172,6 +181,9 @@ class Session:
             self.ended = f"browser closed ({ws.close_code})"
 
     def _finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._stats.add(Stat.SESSIONS_OPEN, -1)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         backend, self._backend = self._backend, None
@@ -204,8 +216,10 @@ class Session:
             for chunk in self._client.feed(data):
                 if backend is not None:
                     out.append(chunk.data)
-                    if chunk.first and not qap.is_response(chunk.header.cmd):
-                        self._pending.append(chunk.header.msg_id)
+                    if chunk.first:
+                        self._stats.add(Stat.MESSAGES_TO_R)
+                        if not qap.is_response(chunk.header.cmd):
+                            self._pending.append(chunk.header.msg_id)
                 elif chunk.last:
                     self._answer_broken(chunk.header.msg_id)
         except qap.QAPError as exc:
@@ -221,7 +235,9 @@ class Session:
                 self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
                 self._lose_backend()
                 return
-            self.bytes_to_r += sum(len(b) for b in out)
+            sent = sum(len(b) for b in out)
+            self.bytes_to_r += sent
+            self._stats.add(Stat.BYTES_TO_R, sent)
 
     def _answer_broken(self, msg_id: int) -> None:
         self._write_frame(Opcode.BINARY, qap.conn_broken(msg_id))
@@ -230,6 +246,7 @@ class Session:
 
     def from_backend(self, data: bytes) -> None:
         self.bytes_from_r += len(data)
+        self._stats.add(Stat.BYTES_FROM_R, len(data))
         transport = self._request.transport
         if transport is None or transport.is_closing():
             return
@@ -241,8 +258,10 @@ class Session:
                     if item.data:
                         self._write_frame(Opcode.TEXT, item.data)
                     continue
-                if item.first and qap.is_response(item.header.cmd):
-                    self._answered()
+                if item.first:
+                    self._stats.add(Stat.MESSAGES_FROM_R)
+                    if qap.is_response(item.header.cmd):
+                        self._answered()
                 opcode = Opcode.BINARY if item.first else Opcode.CONTINUATION
                 self._write_frame(opcode, item.data, item.last)
         except qap.QAPError as exc:

@@ -1,0 +1,127 @@
+"""The admin listener: `/healthz`, `/livez` and `/metrics`, kept off the public ports.
+
+It is off unless `--admin-port` is given and binds 127.0.0.1 by default, so a load balancer's
+health check or a Prometheus scraper on the host reaches it and browsers do not.
+
+- `/healthz` (also `/readyz`): 200 when the QAP socket accepts a connection and answers with an
+  Rserve greeting within the probe timeout, 503 with the reason otherwise. Each probe costs
+  Rserve one fork, which it ends as soon as we close.
+- `/livez`: 200 while the process serves HTTP at all.
+- `/metrics`: Prometheus text format, from the shared `Stats` (every worker's rows summed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .stats import Stat, Stats
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 2.0
+GREETINGS = (b"Rsrv", b"RsOC")
+
+ADMIN: web.AppKey[Admin] = web.AppKey("admin")
+
+
+class StatsCollector(Collector):
+    def __init__(self, stats: Stats, workers: int = 1) -> None:
+        self.stats = stats
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield GaugeMetricFamily(
+            "forward_sessions_open", "WebSocket sessions relayed right now",
+            value=s.total(Stat.SESSIONS_OPEN))
+        yield CounterMetricFamily(
+            "forward_sessions", "WebSocket sessions relayed to Rserve since start",
+            value=s.total(Stat.SESSIONS_TOTAL))
+        data = CounterMetricFamily(
+            "forward_relay_bytes", "bytes relayed, by direction", labels=["direction"])
+        data.add_metric(["to_r"], s.total(Stat.BYTES_TO_R))
+        data.add_metric(["from_r"], s.total(Stat.BYTES_FROM_R))
+        yield data
+        msgs = CounterMetricFamily(
+            "forward_relay_messages", "QAP messages relayed, by direction", labels=["direction"])
+        msgs.add_metric(["to_r"], s.total(Stat.MESSAGES_TO_R))
+        msgs.add_metric(["from_r"], s.total(Stat.MESSAGES_FROM_R))
+        yield msgs
+        yield CounterMetricFamily(
+            "forward_backend_connect_failures",
+            "sessions refused because the Rserve socket could not be reached",
+            value=s.total(Stat.BACKEND_FAILURES))
+        yield CounterMetricFamily(
+            "forward_tls_handshake_failures", "TLS handshakes that failed",
+            value=s.total(Stat.TLS_HANDSHAKE_FAILURES))
+        http = CounterMetricFamily(
+            "forward_http_requests", "HTTP requests answered, by status (101: WebSocket)",
+            labels=["status"])
+        for status, n in sorted(s.http_totals().items()):
+            http.add_metric([status], n)
+        yield http
+        yield GaugeMetricFamily("forward_workers", "worker processes configured",
+                                value=self.workers)
+
+
+class Admin:
+    """What the admin handlers need: the QAP socket to probe and the counters to show."""
+
+    def __init__(self, socket_path: str, stats: Stats, workers: int = 1) -> None:
+        self.socket_path = socket_path
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector(stats, workers))
+
+
+async def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when an Rserve answers on `path`, else why not."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                head = await reader.readexactly(4)
+            finally:
+                writer.close()
+    except TimeoutError:
+        return f"no Rserve greeting from {path} within {timeout:g} s"
+    except asyncio.IncompleteReadError:
+        return f"{path} closed the connection without a greeting"
+    except OSError as exc:
+        return f"cannot connect to {path}: {exc.strerror or exc}"
+    if head not in GREETINGS:
+        return f"{path} did not answer with an Rserve greeting"
+    return None
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    problem = await probe(request.app[ADMIN].socket_path)
+    if problem is None:
+        return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
+    log.warning("health check: %s", problem)
+    return web.Response(status=503, text=problem + "\n", headers={"Cache-Control": "no-store"})
+
+
+async def livez(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    body = generate_latest(request.app[ADMIN].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_admin_app(admin: Admin) -> web.Application:
+    app = web.Application()
+    app[ADMIN] = admin
+    for path, handler in (("/healthz", healthz), ("/readyz", healthz), ("/livez", livez),
+                          ("/metrics", metrics)):
+        app.router.add_get(path, handler)
+    return app
