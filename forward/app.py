@@ -8,6 +8,7 @@ is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import weakref
@@ -161,7 +162,7 @@ def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
                 except OSError as exc:
                     where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
                     raise ConfigError(
-                        f"cannot listen on {where} ({flag}): {exc.strerror or exc}"
+                        f"cannot listen on {where} ({flag}): {os.strerror(exc.errno) if exc.errno else exc}"
                     ) from exc
     except BaseException:
         for socks in out.values():

@@ -153,6 +153,9 @@ class Session:
             self._heartbeat = loop.call_later(self._settings.heartbeat, self._beat)
         try:
             await self._from_browser()
+        except asyncio.CancelledError:
+            self.ended = "cancelled at shutdown"
+            raise
         finally:
             self._finish()
 

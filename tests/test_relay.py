@@ -80,7 +80,7 @@ async def test_split_and_batched_requests_reach_r_in_order(
         offsets = [0, 3, 16, 17, 40, 41, 200, 201, 202, len(stream) - 5, len(stream)]
         # one byte per frame for the first message, then odd cuts, then the rest in one frame
         pieces = [stream[i : i + 1] for i in range(offsets[1])]
-        pieces += [stream[a:b] for a, b in itertools.pairwise(offsets)]
+        pieces += [stream[a:b] for a, b in itertools.pairwise(offsets[1:])]
         for p in pieces:
             await c.ws.send_bytes(p)
         for i in range(1, 41):
