@@ -44,7 +44,8 @@ def test_short_flags_keep_the_c_meanings_and_defaults() -> None:
         "ulog_socket",
     )
     c = parse_args(
-        ["-p", "8080", "-w", "8081", "-s", "/run/r.sock", "-R", "/run/rs.sock", "-r", "/srv/www", "-k", "k.pem", "-c", "c.pem", "-C", "ca.pem", "-u", "udp://127.0.0.1", "-S", "mgr:41"]
+        "-p 8080 -w 8081 -s /run/r.sock -R /run/rs.sock -r /srv/www -k k.pem -c c.pem "
+        "-C ca.pem -u udp://127.0.0.1 -S mgr:41".split()
     )
     assert (c.http_port, c.ws_port, c.socket, c.rscript_socket, c.doc_root) == (
         8080,
@@ -118,7 +119,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_serves_then_exits_zero_on_signal(rserve_qap: Rserve, sig: signal.Signals) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
         [
             sys.executable,
             "-m",
