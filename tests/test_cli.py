@@ -44,8 +44,28 @@ def test_short_flags_keep_the_c_meanings_and_defaults() -> None:
         "ulog_socket",
     )
     c = parse_args(
-        "-p 8080 -w 8081 -s /run/r.sock -R /run/rs.sock -r /srv/www -k k.pem -c c.pem "
-        "-C ca.pem -u udp://127.0.0.1 -S mgr:41".split()
+        [
+            "-p",
+            "8080",
+            "-w",
+            "8081",
+            "-s",
+            "/run/r.sock",
+            "-R",
+            "/run/rs.sock",
+            "-r",
+            "/srv/www",
+            "-k",
+            "k.pem",
+            "-c",
+            "c.pem",
+            "-C",
+            "ca.pem",
+            "-u",
+            "udp://127.0.0.1",
+            "-S",
+            "mgr:41",
+        ]
     )
     assert (c.http_port, c.ws_port, c.socket, c.rscript_socket, c.doc_root) == (
         8080,
