@@ -9,6 +9,7 @@ human sentence, before anything is bound or served.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,75 @@ class Config:
         metavar="BYTES",
         help="largest QAP message a browser may send to R (default 256 MiB; 0: no limit)",
     )
+    max_result_size: int = _opt(
+        0,
+        "--max-result-size",
+        metavar="BYTES",
+        help="largest QAP message R may send to a browser; a larger one closes the session "
+        "with 1009 (default 0: no limit; results are streamed, not held in memory)",
+    )
+    allow_origin: tuple[str, ...] = _opt(
+        (),
+        "--allow-origin",
+        metavar="ORIGIN",
+        action="append",
+        help="a browser Origin allowed to open sessions besides the server's own: a host "
+        "name where * matches anything (*.example.com), a full https://host[:port], or * for "
+        "any; repeatable (default: only same-origin pages)",
+    )
+    ip_rules: str | None = _opt(
+        None,
+        "--ip-rules",
+        metavar="FILE",
+        help="ordered 'allow|deny ADDRESS|CIDR|all' lines, first match wins (RStudio's "
+        "ip-rules format); a denied address gets 403",
+    )
+    max_sessions: int = _opt(
+        10000,
+        "--max-sessions",
+        metavar="N",
+        help="open WebSocket sessions in total; more are closed with 1013 (default 10000; 0: "
+        "no limit)",
+    )
+    max_sessions_per_client: int = _opt(
+        256,
+        "--max-sessions-per-client",
+        metavar="N",
+        help="open sessions per client address (default 256; 0: no limit)",
+    )
+    header_timeout: float = _opt(
+        10.0,
+        "--header-timeout",
+        metavar="SECONDS",
+        help="a new connection must complete its TLS handshake and first request header "
+        "within this time (slowloris; default 10)",
+    )
+    keepalive_timeout: float = _opt(
+        75.0,
+        "--keepalive-timeout",
+        metavar="SECONDS",
+        help="idle time before an HTTP keep-alive connection is closed (default 75)",
+    )
+    ws_ping: float = _opt(
+        30.0,
+        "--ws-ping",
+        metavar="SECONDS",
+        help="WebSocket ping interval; a peer that does not answer within half of it is "
+        "dropped (default 30, under the 60 s idle timeout of common proxies; 0: off)",
+    )
+    idle_timeout: float = _opt(
+        0.0,
+        "--idle-timeout",
+        metavar="SECONDS",
+        help="close a session after this long without a message either way; heartbeats do "
+        "not count (default 0: off)",
+    )
+    max_lifetime: float = _opt(
+        0.0,
+        "--max-lifetime",
+        metavar="SECONDS",
+        help="close any session this long after it opened (default 0: off)",
+    )
     backend_timeout: float = _opt(
         10.0,
         "--backend-timeout",
@@ -121,6 +191,28 @@ class Config:
         "--shutdown-timeout",
         metavar="SECONDS",
         help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
+    )
+    follow_symlinks: bool = _opt(
+        False,
+        "--follow-symlinks",
+        action="store_true",
+        help="serve files through symbolic links that lead out of the document root "
+        "(default: refused with 403; links that stay inside are always followed)",
+    )
+    max_body_size: int = _opt(
+        64 * 1024 * 1024,
+        "--max-body-size",
+        metavar="BYTES",
+        help="largest request body passed to a .R script; larger ones get 413 "
+        "(default 64 MiB; 0: no limit)",
+    )
+    trusted_proxy: tuple[str, ...] = _opt(
+        (),
+        "--trusted-proxy",
+        metavar="ADDR[/BITS]",
+        action="append",
+        help="a proxy (address or network) whose X-Forwarded-For and X-Real-IP headers are "
+        "believed; repeatable (default: none, such headers from clients are replaced)",
     )
     listen_unix: str | None = _opt(
         None,
@@ -140,14 +232,6 @@ class Config:
         "--admin-bind",
         metavar="ADDR",
         help="address of the admin listener (default 127.0.0.1: keep it off the public side)",
-    )
-    trusted_proxies: tuple[str, ...] = _opt(
-        ("127.0.0.0/8", "::1/128"),
-        "--trusted-proxy",
-        metavar="CIDR",
-        action="append",
-        help="peer address or network whose X-Real-IP / X-Forwarded-For is believed in the "
-        "access log; repeatable (default: loopback and unix-socket peers)",
     )
     workers: int = _opt(
         1,
@@ -196,6 +280,31 @@ class Config:
             raise ConfigError("--heartbeat must be 0 (off) or a positive number of seconds")
         if self.max_message_size < 0:
             raise ConfigError("--max-message-size must be 0 (no limit) or a number of bytes")
+        if self.max_body_size < 0:
+            raise ConfigError("--max-body-size must be 0 (no limit) or a number of bytes")
+        for proxy in self.trusted_proxy:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-proxy {proxy}: not an IP address or network"
+                ) from None
+        for name in ("max_result_size", "max_sessions", "max_sessions_per_client"):
+            if getattr(self, name) < 0:
+                flag = _field(name).metadata["flags"][0]
+                raise ConfigError(f"{flag} must be 0 (no limit) or a positive number")
+        for name in (
+            "header_timeout",
+            "keepalive_timeout",
+            "ws_ping",
+            "idle_timeout",
+            "max_lifetime",
+            "backend_timeout",
+            "shutdown_timeout",
+        ):
+            if getattr(self, name) < 0:
+                flag = _field(name).metadata["flags"][0]
+                raise ConfigError(f"{flag} must not be negative")
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         self._validate_ops()
@@ -204,7 +313,6 @@ class Config:
 
     def _validate_ops(self) -> None:
         # Imported here: these modules parse their own option values and must not import config.
-        from .accesslog import parse_networks
         from .srvmgr import ServerManagerError
         from .srvmgr import parse as parse_manager
         from .ulog import ULogError, parse_target
@@ -213,7 +321,6 @@ class Config:
             parse_target(self.ulog)
             if self.server_manager:
                 parse_manager(self.server_manager)
-            parse_networks(self.trusted_proxies)
         except (ULogError, ServerManagerError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
         if not 0 <= self.admin_port <= 65535:

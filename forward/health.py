@@ -81,17 +81,17 @@ class Admin:
         self.registry.register(StatsCollector(stats, workers))
 
 
-async def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+async def probe(path: str, limit: float = PROBE_TIMEOUT) -> str | None:
     """None when an Rserve answers on `path`, else why not."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_unix_connection(path)
             try:
                 head = await reader.readexactly(4)
             finally:
                 writer.close()
     except TimeoutError:
-        return f"no Rserve greeting from {path} within {timeout:g} s"
+        return f"no Rserve greeting from {path} within {limit:g} s"
     except asyncio.IncompleteReadError:
         return f"{path} closed the connection without a greeting"
     except OSError as exc:

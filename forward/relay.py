@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -49,6 +50,9 @@ class RelaySettings:
     heartbeat: float
     max_message_size: int
     backend_timeout: float
+    max_result_size: int = 0
+    idle_timeout: float = 0.0
+    max_lifetime: float = 0.0
     # Where the session's counters go (/metrics); a private row when nobody reads them.
     stats: Slot = field(default_factory=Slot.private)
 
@@ -114,14 +118,16 @@ class Session:
         self._ws = ws
         self._settings = settings
         limit = settings.max_message_size or None
-        self._server = qap.ServerStream()
+        self._server = qap.ServerStream(settings.max_result_size or None)
         self._client = qap.ClientStream(limit)
         self._backend: _Backend | None = None
         self._backend_alive = False
         self._reading_paused = False
         self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
         self._heartbeat: asyncio.TimerHandle | None = None
-        self._closer: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._last_activity = 0.0
+        self._closer: asyncio.Task[bool] | None = None
         self._resumer: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._stats = settings.stats
@@ -141,11 +147,13 @@ class Session:
         path = self._settings.socket
         try:
             async with asyncio.timeout(self._settings.backend_timeout):
-                _, backend = await loop.create_unix_connection(lambda: _Backend(self), path)
+                sock = await connect_unix(path)
+                _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            log.warning("session %d from %s: cannot reach Rserve at %s: %s",
-                        self.id, self.label, path, why)
+            log.warning(
+                "session %d from %s: cannot reach Rserve at %s: %s", self.id, self.label, path, why
+            )
             self.ended = "Rserve unreachable"
             self._stats.add(Stat.BACKEND_FAILURES)
             await self._ws.close(code=1011, message=_reason(f"Rserve unavailable: {why}"))
@@ -155,10 +163,19 @@ class Session:
         self._stats.add(Stat.SESSIONS_OPEN)
         self._counted = True
         log.info("session %d from %s opened", self.id, self.label)
-        if self._settings.heartbeat > 0:
-            self._heartbeat = loop.call_later(self._settings.heartbeat, self._beat)
+        settings = self._settings
+        self._last_activity = loop.time()
+        if settings.heartbeat > 0:
+            self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
+        if settings.idle_timeout > 0:
+            self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
+        if settings.max_lifetime > 0:
+            self._timers.append(loop.call_later(settings.max_lifetime, self._expire))
         try:
             await self._from_browser()
+        except asyncio.CancelledError:
+            self.ended = "cancelled at shutdown"
+            raise
         finally:
             self._finish()
 
@@ -186,13 +203,20 @@ class Session:
             self._stats.add(Stat.SESSIONS_OPEN, -1)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for timer in self._timers:
+            timer.cancel()
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None:
             backend.transport.close()
         log.info(
             "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
-            self.id, self.label, self.mode, self.bytes_to_r, self.bytes_from_r,
-            time.monotonic() - self._started, self.ended,
+            self.id,
+            self.label,
+            self.mode,
+            self.bytes_to_r,
+            self.bytes_from_r,
+            time.monotonic() - self._started,
+            self.ended,
         )
 
     def close(self, code: int, reason: str, *, notice: bool = False) -> None:
@@ -209,7 +233,23 @@ class Session:
 
     # -- browser -> Rserve -------------------------------------------------------------------
 
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_activity
+        timeout = self._settings.idle_timeout
+        if quiet >= timeout:
+            log.info("session %d from %s: idle for %.0f s", self.id, self.label, quiet)
+            self.close(1001, f"session idle for {timeout:g} s", notice=True)
+        else:
+            self._timers.append(loop.call_later(timeout - quiet, self._check_idle))
+
+    def _expire(self) -> None:
+        limit = self._settings.max_lifetime
+        log.info("session %d from %s: lifetime of %g s reached", self.id, self.label, limit)
+        self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
+
     def _to_backend(self, data: bytes) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
         backend = self._backend if self._backend_alive else None
         out: list[bytes | memoryview] = []
         try:
@@ -223,15 +263,17 @@ class Session:
                 elif chunk.last:
                     self._answer_broken(chunk.header.msg_id)
         except qap.QAPError as exc:
-            log.warning("session %d from %s: refused browser data: %s",
-                        self.id, self.label, exc.reason)
+            log.warning(
+                "session %d from %s: refused browser data: %s", self.id, self.label, exc.reason
+            )
             self.close(exc.close_code, exc.reason)
         if out and backend is not None and backend.transport is not None:
             try:
                 backend.transport.writelines(out)
             except (OSError, RuntimeError) as exc:
-                log.warning("session %d from %s: write to Rserve failed: %s",
-                            self.id, self.label, exc)
+                log.warning(
+                    "session %d from %s: write to Rserve failed: %s", self.id, self.label, exc
+                )
                 self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
                 self._lose_backend()
                 return
@@ -247,14 +289,19 @@ class Session:
     def from_backend(self, data: bytes) -> None:
         self.bytes_from_r += len(data)
         self._stats.add(Stat.BYTES_FROM_R, len(data))
+        self._last_activity = asyncio.get_running_loop().time()
         transport = self._request.transport
         if transport is None or transport.is_closing():
             return
         try:
             for item in self._server.feed(data):
                 if isinstance(item, qap.Greeting):
-                    log.info("session %d from %s: Rserve in %s mode",
-                             self.id, self.label, item.mode.value)
+                    log.info(
+                        "session %d from %s: Rserve in %s mode",
+                        self.id,
+                        self.label,
+                        item.mode.value,
+                    )
                     if item.data:
                         self._write_frame(Opcode.TEXT, item.data)
                     continue
@@ -264,6 +311,12 @@ class Session:
                         self._answered()
                 opcode = Opcode.BINARY if item.first else Opcode.CONTINUATION
                 self._write_frame(opcode, item.data, item.last)
+        except qap.MessageTooLarge as exc:
+            reason = f"R's answer is too large: {exc.reason}"
+            log.warning("session %d from %s: %s", self.id, self.label, reason)
+            self._lose_backend()
+            self.close(exc.close_code, reason)
+            return
         except qap.QAPError as exc:
             log.warning("session %d from %s: %s", self.id, self.label, exc.reason)
             self._lose_backend()
@@ -308,9 +361,14 @@ class Session:
             log.warning("session %d from %s: %s", self.id, self.label, why)
             self.close(1011, why)
             return
-        log.info("session %d from %s: Rserve closed the session%s; answering %d pending "
-                 "request(s) with ERR_conn_broken", self.id, self.label,
-                 f" ({exc})" if exc else "", len(self._pending))
+        log.info(
+            "session %d from %s: Rserve closed the session%s; answering %d pending "
+            "request(s) with ERR_conn_broken",
+            self.id,
+            self.label,
+            f" ({exc})" if exc else "",
+            len(self._pending),
+        )
         self._lose_backend()
 
     def _lose_backend(self) -> None:
@@ -339,7 +397,34 @@ class Session:
         # message in flight keeps proxies from timing out anyway.
         if not self._server.in_message and self._backend_alive:
             self._write_frame(Opcode.BINARY, qap.IDLE_MESSAGE)
-        self._heartbeat = asyncio.get_running_loop().call_later(self._settings.heartbeat, self._beat)
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            self._settings.heartbeat, self._beat
+        )
+
+
+async def connect_unix(path: str) -> socket.socket:
+    """Connect to a unix stream socket, waiting while its listen queue is full.
+
+    A non-blocking connect to a unix socket whose backlog is full fails with EAGAIN, which (unlike
+    EINPROGRESS on TCP) means "not connected": asyncio and uvloop would wait for writability and
+    then use a socket that never connected. Rserve listens with a small backlog and forks for every
+    connection, so a burst of sessions hits this; retry with a short backoff until it accepts.
+    """
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 def _reason(text: str) -> bytes:

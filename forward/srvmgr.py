@@ -45,18 +45,18 @@ def parse(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-async def send(host: str, port: int, what: str, timeout: float = CONNECT_TIMEOUT) -> None:
+async def send(host: str, port: int, what: str, limit: float = CONNECT_TIMEOUT) -> None:
     """One attempt; raises OSError/TimeoutError when the manager cannot be reached."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         _, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(what.encode())
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             await writer.drain()
     finally:
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit):
                 await writer.wait_closed()
 
 
