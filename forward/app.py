@@ -264,8 +264,12 @@ class Server:
             await old.cleanup()
 
 
-def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
-    """Bind the configured ports; each failure becomes one clear ConfigError."""
+def bind_listeners(
+    config: Config, *, reuse_port: bool = False, tcp_only: bool = False
+) -> dict[str, list[socket.socket]]:
+    """Bind the configured ports; each failure becomes one clear ConfigError. --workers binds
+    the TCP ports once per worker with SO_REUSEPORT (`tcp_only` for all but the first), so that
+    the kernel spreads connections over the workers."""
     plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port)]
     out: dict[str, list[socket.socket]] = {}
     try:
@@ -274,12 +278,12 @@ def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
                 continue
             for host in config.hosts or (None,):
                 try:
-                    out.setdefault(name, []).append(_bind(host, port))
+                    out.setdefault(name, []).append(_bind(host, port, reuse_port))
                 except OSError as exc:
                     where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
                     why = os.strerror(exc.errno) if exc.errno else str(exc)
                     raise ConfigError(f"cannot listen on {where} ({flag}): {why}") from exc
-        if config.listen_unix:
+        if config.listen_unix and not tcp_only:
             try:
                 out.setdefault("http", []).append(bind_unix(config.listen_unix))
             except OSError as exc:
@@ -287,7 +291,7 @@ def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
                     f"cannot listen on {config.listen_unix} (--listen-unix): "
                     f"{exc.strerror or exc}"
                 ) from exc
-        if config.admin_port > 0:
+        if config.admin_port > 0 and not tcp_only:
             try:
                 out["admin"] = [_bind(config.admin_bind, config.admin_port)]
             except OSError as exc:
@@ -327,17 +331,18 @@ def unlink_unix(config: Config) -> None:
                 os.unlink(config.listen_unix)
 
 
-def _bind(host: str | None, port: int) -> socket.socket:
+def _bind(host: str | None, port: int, reuse_port: bool = False) -> socket.socket:
     if host is None:
         # All interfaces, IPv6 and IPv4 on one socket where the system has IPv6.
         if socket.has_dualstack_ipv6():
             return socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024,
+                reuse_port=reuse_port,
             )
-        return socket.create_server(("", port), backlog=1024)
+        return socket.create_server(("", port), backlog=1024, reuse_port=reuse_port)
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
-    return socket.create_server(addr[:2], family=family, backlog=1024)
+    return socket.create_server(addr[:2], family=family, backlog=1024, reuse_port=reuse_port)
 
 
 def _show(addr: object) -> str:

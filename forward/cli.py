@@ -11,15 +11,19 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__
-from .app import Server
+from . import __version__, configfile, daemon, ulog
+from .app import Server, unlink_unix
 from .config import Config, ConfigError, settings
 from .dispatch import make_http_handler
+from .srvmgr import ServerManager
+from .stats import Stats
 
 log = logging.getLogger("forward")
 
@@ -59,18 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type in ("float", float):
             kw["type"] = float
         parser.add_argument(*meta["flags"], **kw)
+    parser.add_argument(
+        "--config", metavar="FILE", dest="config_file",
+        help="read settings from this TOML file; the command line overrides it",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true",
+        help="check the settings (file and command line), say what is wrong, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"forward {__version__}")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
+    return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     ns = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = configfile.load(ns.config_file) if ns.config_file else {}
     for f in dataclasses.fields(Config):
         value = getattr(ns, f.name)
         if value is not None:
             values[f.name] = tuple(value) if isinstance(value, list) else value
-    return Config(**values).validate()
+    return Config(**values).validate(), ns
 
 
 def setup_logging(config: Config) -> None:
@@ -79,11 +95,44 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
+    # -u: the same records, also as syslog lines (see ulog.py); never blocks the event loop.
+    syslog = ulog.handler_for(config.ulog, str(Config().ulog))
+    if syslog is not None:
+        root.addHandler(syslog)
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    server = Server(config, http_handler=make_http_handler(config))
-    await server.start()
+def close_logging() -> None:
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if isinstance(handler, ulog.ULogHandler):
+            handler.flush()
+            root.removeHandler(handler)
+            handler.close()
+
+
+async def serve(
+    config: Config,
+    ready: asyncio.Event | None = None,
+    *,
+    listeners: dict[str, list[socket.socket]] | None = None,
+    stats: Stats | None = None,
+    row: int = 0,
+    manage: bool = True,
+) -> None:
+    """Run one forward process until SIGTERM/SIGINT. A --workers child passes the listeners and
+    counters its parent made and `manage=False`: the parent does -S, the PID file and systemd."""
+    server = Server(config, http_handler=make_http_handler(config), stats=stats or Stats(), row=row)
+    pid_file = daemon.PidFile(config.pid_file if manage else None)
+    try:
+        pid_file.write()
+    except OSError as exc:
+        raise ConfigError(f"cannot write --pid-file {config.pid_file}: {exc.strerror}") from None
+    manager = ServerManager.from_config(config.server_manager) if manage else None
+    try:
+        await server.start(listeners)
+    except BaseException:
+        pid_file.remove()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,15 +143,28 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         config.socket,
         config.heartbeat,
     )
+    if manager is not None:
+        manager.start_add()
+    if manage:
+        daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
+        if manage:
+            daemon.notify("STOPPING=1")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await server.stop()
+        try:
+            await server.stop()
+        finally:
+            if manager is not None:
+                await manager.delete()
+            if manage:
+                unlink_unix(config)
+            pid_file.remove()
 
 
 def _loop_factory() -> Any:
@@ -115,17 +177,26 @@ def _loop_factory() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = parse_args(argv)
+        config, ns = _parse(argv)
     except ConfigError as exc:
         print(f"forward: {exc}", file=sys.stderr)
         return 2
+    if ns.check_config:
+        print(f"forward: configuration OK{f' ({ns.config_file})' if ns.config_file else ''}")
+        return 0
     setup_logging(config)
     try:
+        if config.workers > 1:
+            from .workers import supervise
+
+            return supervise(config)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(config))
     except ConfigError as exc:
         print(f"forward: {exc}", file=sys.stderr)
         return 1
+    finally:
+        close_logging()
     return 0
 
 

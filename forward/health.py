@@ -70,6 +70,12 @@ class StatsCollector(Collector):
         yield http
         yield GaugeMetricFamily("forward_workers", "worker processes configured",
                                 value=self.workers)
+        per = CounterMetricFamily(
+            "forward_worker_sessions", "WebSocket sessions by worker process (0 without "
+            "--workers)", labels=["worker"])
+        for row, n in enumerate(s.per_row(Stat.SESSIONS_TOTAL)):
+            per.add_metric([str(row)], n)
+        yield per
 
 
 class Admin:

@@ -79,6 +79,9 @@ class Stats:
     def total(self, stat: Stat) -> int:
         return sum(int(self._mem[r * ROW + stat]) for r in range(self.slots))
 
+    def per_row(self, stat: Stat) -> list[int]:
+        return [int(self._mem[r * ROW + stat]) for r in range(self.slots)]
+
     def http_totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
         labels = [str(c) for c in HTTP_STATUSES] + ["other"]

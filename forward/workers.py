@@ -1,0 +1,247 @@
+"""`--workers N`: N forward processes on the same ports, supervised by a parent.
+
+The parent binds everything before forking: each TCP listener once per worker with SO_REUSEPORT,
+so that the kernel spreads new connections over the workers (a shared accept queue would let the
+busiest loop win), and the unix socket and the admin port once, shared by all. The parent keeps
+every socket open, so a worker that dies loses no queued connection: its replacement inherits the
+same sockets, and the counters in the shared `Stats` survive it (only its open-session gauge is
+cleared). Restarts of a worker that keeps dying at once are spaced out, up to 30 s.
+
+The parent also does what must happen once per service: the PID file, `-S` ADD/DEL, systemd
+notification. SIGTERM/SIGINT are passed to the workers (each drains as a single forward does),
+SIGHUP too (TLS reload happens in each worker). Processes are made with fork: the workers need
+the parent's sockets and shared memory, and the parent has no event loop of uvloop's to inherit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+
+from .app import bind_listeners, unlink_unix
+from .config import Config
+from .daemon import PidFile, notify
+from .srvmgr import ServerManager
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+Listeners = dict[str, list[socket.socket]]
+
+QUICK_DEATH = 2.0  # a worker that dies sooner than this after its start is restarted later
+RESTART_MAX = 30.0
+KILL_GRACE = 5.0  # after the workers' own shutdown timeout, before SIGKILL
+
+
+def bind_rows(config: Config, n: int) -> list[Listeners]:
+    rows: list[Listeners] = []
+    try:
+        rows.append(bind_listeners(config, reuse_port=True))
+        for _ in range(n - 1):
+            rows.append(bind_listeners(config, reuse_port=True, tcp_only=True))
+    except BaseException:
+        _close(rows)
+        raise
+    shared = {k: v for k, v in rows[0].items() if k not in ("http", "ws")}
+    unix_http = [s for s in rows[0].get("http", []) if s.family == socket.AF_UNIX]
+    for row in rows[1:]:
+        for name, socks in shared.items():
+            row[name] = list(socks)
+        if unix_http:
+            row.setdefault("http", []).extend(unix_http)
+    return rows
+
+
+def _close(rows: list[Listeners]) -> None:
+    seen: set[int] = set()
+    for row in rows:
+        for socks in row.values():
+            for sock in socks:
+                if id(sock) not in seen:
+                    seen.add(id(sock))
+                    sock.close()
+
+
+def supervise(config: Config) -> int:
+    """Run the parent until SIGTERM/SIGINT; returns the exit status."""
+    rows = bind_rows(config, config.workers)
+    try:
+        return asyncio.run(Supervisor(config, rows, Stats(config.workers)).run())
+    finally:
+        _close(rows)
+
+
+class Supervisor:
+    def __init__(self, config: Config, rows: list[Listeners], stats: Stats) -> None:
+        self.config = config
+        self.rows = rows
+        self.stats = stats
+        self.pids: dict[int, int] = {}  # pid -> row
+        self.started: dict[int, float] = {}  # row -> monotonic start time
+        self.delay: dict[int, float] = {}  # row -> next restart delay
+        self.ready_rows: set[int] = set()
+        self.ready_r, self.ready_w = os.pipe()
+        self.stopping = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._all_ready = asyncio.Event()
+        self._none_left = asyncio.Event()
+        pid_file = PidFile(self.config.pid_file)
+        pid_file.write()
+        manager = ServerManager.from_config(self.config.server_manager)
+        loop.add_reader(self.ready_r, self._on_ready)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        try:
+            for row in range(len(self.rows)):
+                self._spawn(row)
+            ready = asyncio.ensure_future(self._all_ready.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait((ready, stop), return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if not self._stop.is_set():
+                log.info("%d workers serving (pids %s)", len(self.pids),
+                         " ".join(str(p) for p in sorted(self.pids)))
+                if manager is not None:
+                    manager.start_add()
+                notify(f"READY=1\nMAINPID={os.getpid()}")
+            await stop
+            log.info("shutting down %d workers", len(self.pids))
+            notify("STOPPING=1")
+        finally:
+            self.stopping = True
+            await self._stop_workers()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                loop.remove_signal_handler(sig)
+            loop.remove_reader(self.ready_r)
+            os.close(self.ready_r)
+            os.close(self.ready_w)
+            if manager is not None:
+                await manager.delete()
+            unlink_unix(self.config)
+            pid_file.remove()
+        return 0
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _spawn(self, row: int) -> None:
+        if self.stopping:
+            return
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, measured by the workers tests
+            code = 1
+            try:
+                code = self._child(row)
+            finally:
+                os._exit(code)
+        self.pids[pid] = row
+        self.started[row] = time.monotonic()
+        log.info("worker %d started (pid %d)", row, pid)
+
+    def _child(self, row: int) -> int:  # pragma: no cover - runs in the child
+        # The parent's loop installed its own handlers and wakeup fd: put the defaults back
+        # before the worker's loop installs its own. SIGHUP is ignored unless the worker
+        # installs a handler (TLS reload), so that a reload never kills a worker.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        os.close(self.ready_r)
+        mine = self.rows[row]
+        keep = {id(s) for socks in mine.values() for s in socks}
+        for other in self.rows:
+            for socks in other.values():
+                for sock in socks:
+                    if id(sock) not in keep:
+                        sock.close()
+        from .cli import _loop_factory, close_logging, serve, setup_logging
+
+        setup_logging(self.config)  # a fresh ulog thread: threads do not survive fork
+        log.info("worker %d serving", row)
+
+        async def run() -> None:
+            ready = asyncio.Event()
+            task = asyncio.ensure_future(serve(
+                self.config, ready, listeners=mine, stats=self.stats, row=row, manage=False
+            ))
+            waiter = asyncio.ensure_future(ready.wait())
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if ready.is_set():
+                os.write(self.ready_w, bytes([row % 256]))
+            await task
+
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(run())
+        except Exception:
+            log.exception("worker %d failed", row)
+            return 1
+        finally:
+            close_logging()
+        return 0
+
+    def _on_ready(self) -> None:
+        for b in os.read(self.ready_r, 256):
+            self.ready_rows.add(b)
+            self.delay.pop(b, None)
+        if len(self.ready_rows) >= len(self.rows):
+            self._all_ready.set()
+
+    def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            row = self.pids.pop(pid, None)
+            if row is None:
+                continue
+            self.stats.slot(row).reset_gauges()
+            code = os.waitstatus_to_exitcode(status)
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            if self.stopping:
+                log.info("worker %d (pid %d) exited with %s", row, pid, how)
+                continue
+            lived = time.monotonic() - self.started.get(row, 0.0)
+            delay = 0.0
+            if lived < QUICK_DEATH:
+                delay = self.delay.get(row, 0.5)
+                self.delay[row] = min(delay * 2, RESTART_MAX)
+            log.warning("worker %d (pid %d) died with %s after %.1f s; restarting it%s",
+                        row, pid, how, lived, f" in {delay:g} s" if delay else "")
+            loop.call_later(delay, self._spawn, row)
+        if not self.pids:
+            self._none_left.set()
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    async def _stop_workers(self) -> None:
+        if not self.pids:
+            return
+        self._none_left.clear()
+        self._signal_all(signal.SIGTERM)
+        limit = self.config.shutdown_timeout + KILL_GRACE
+        try:
+            async with asyncio.timeout(limit):
+                await self._none_left.wait()
+        except TimeoutError:
+            log.warning("workers still running after %g s: killing them", limit)
+            self._signal_all(signal.SIGKILL)
+            async with asyncio.timeout(KILL_GRACE):
+                await self._none_left.wait()
