@@ -212,7 +212,7 @@ class Server:
         relay = self.relay_settings()
         guard = self.guard()
         apps: dict[str, web.Application] = {}
-        if c.http_port > 0:
+        if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
             apps["http"] = build_app(relay, self.sessions, "http", entry, guard, c.ws_ping)
         if c.ws_port > 0:

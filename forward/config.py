@@ -266,7 +266,7 @@ class Config:
             if port > 65535:
                 flag = _field(name).metadata["flags"][0]
                 raise ConfigError(f"{flag} {port}: a port must be between 1 and 65535")
-        if self.http_port <= 0 and self.ws_port <= 0:
+        if self.http_port <= 0 and self.ws_port <= 0 and not self.listen_unix:
             raise ConfigError("nothing to listen on: both -p and -w are disabled")
         if self.http_port > 0 and self.http_port == self.ws_port:
             raise ConfigError(f"-p and -w are both {self.http_port}: give them different ports")

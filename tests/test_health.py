@@ -1,0 +1,141 @@
+"""The admin listener: /healthz follows Rserve, /metrics follows real traffic; the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from forward.app import Server
+from forward.config import Config
+from forward.stats import Stats
+
+from .conftest import Rserve, bound
+from .rclient import RClient
+
+pytestmark = pytest.mark.rserve
+
+
+class Fwd:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def url(self, listener: str, path: str = "/") -> str:
+        scheme = "ws" if listener == "ws" else "http"
+        return f"{scheme}://127.0.0.1:{self.server.port(listener)}{path}"
+
+
+@pytest.fixture
+async def with_admin() -> AsyncIterator[Callable[..., asyncio.Future[Fwd]]]:
+    servers: list[Server] = []
+
+    async def start(socket_path: Path, **kw: object) -> Fwd:
+        config = replace(Config(), socket=str(socket_path), http_port=1, ws_port=2,
+                         admin_port=3, **kw).validate()
+        server = Server(config, stats=Stats())
+        await server.start({"http": [bound()], "ws": [bound()], "admin": [bound()]})
+        servers.append(server)
+        return Fwd(server)
+
+    yield start  # type: ignore[misc]
+    for s in servers:
+        await s.stop()
+
+
+async def get(url: str, **kw: object) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url, **kw) as r:  # type: ignore[arg-type]
+        return r.status, await r.text()
+
+
+async def metrics(fwd: Fwd) -> dict[str, float]:
+    status, text = await get(fwd.url("admin", "/metrics"))
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+async def test_healthz_flips_to_503_when_rserve_stops(
+    fresh_rserve: Callable[..., Rserve], with_admin: Callable[..., asyncio.Future[Fwd]]
+) -> None:
+    r = fresh_rserve()
+    fwd = await with_admin(r.socket)
+    assert await get(fwd.url("admin", "/healthz")) == (200, "ok\n")
+    assert (await get(fwd.url("admin", "/readyz")))[0] == 200
+    r.stop()
+    status, text = await get(fwd.url("admin", "/healthz"))
+    assert status == 503
+    assert f"cannot connect to {r.socket}" in text
+    assert await get(fwd.url("admin", "/livez")) == (200, "ok\n")  # the process itself is fine
+    r.start()
+    assert (await get(fwd.url("admin", "/healthz")))[0] == 200
+
+
+async def test_admin_paths_are_not_on_the_public_port(
+    rserve_qap: Rserve, with_admin: Callable[..., asyncio.Future[Fwd]]
+) -> None:
+    fwd = await with_admin(rserve_qap.socket)
+    for path in ("/metrics", "/healthz"):
+        status, text = await get(fwd.url("http", path))
+        assert status == 404 and "forward_" not in text
+
+
+async def test_metrics_move_with_real_traffic(
+    fresh_rserve: Callable[..., Rserve], with_admin: Callable[..., asyncio.Future[Fwd]]
+) -> None:
+    r = fresh_rserve()
+    fwd = await with_admin(r.socket)
+    before = await metrics(fwd)
+    assert before["forward_sessions_total"] == 0
+    assert before["forward_sessions_open"] == 0
+    async with await RClient.connect(fwd.url("ws")) as c:
+        assert (await c.eval("paste(rep('x', 1000), collapse='')")).value == ["x" * 1000]
+        during = await metrics(fwd)
+        assert during["forward_sessions_open"] == 1
+    await get(fwd.url("http", "/nothing-here"))
+    # The session ends in its own task after the close handshake: wait for the gauge to drop.
+    async with asyncio.timeout(10):
+        while (after := await metrics(fwd))["forward_sessions_open"] != 0:
+            continue  # each scrape is a round trip through the event loop
+    assert after["forward_sessions_total"] == 1
+    assert after["forward_worker_sessions_total{worker=0}"] == 1
+    assert after["forward_relay_messages_total{direction=to_r}"] == 1
+    assert after["forward_relay_messages_total{direction=from_r}"] == 1
+    # Request header + command; answer header + the 1000-character string (+ greeting 32).
+    assert after["forward_relay_bytes_total{direction=to_r}"] > 16
+    assert after["forward_relay_bytes_total{direction=from_r}"] > 1000 + 32
+    assert after["forward_http_requests_total{status=101}"] == 1
+    assert after["forward_http_requests_total{status=404}"] == 1
+    assert after["forward_backend_connect_failures_total"] == 0
+
+    r.stop()
+    async with aiohttp.ClientSession() as s, s.ws_connect(fwd.url("ws")) as ws:
+        msg = await ws.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1011
+    final = await metrics(fwd)
+    assert final["forward_backend_connect_failures_total"] == 1
+    assert final["forward_sessions_total"] == 1
+
+
+async def test_access_log_line_and_trusted_proxy(
+    rserve_qap: Rserve, with_admin: Callable[..., asyncio.Future[Fwd]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fwd = await with_admin(rserve_qap.socket, trusted_proxy=("127.0.0.1",))
+    caplog.set_level(logging.INFO, logger="forward.access")
+    await get(fwd.url("http", "/a?b=1"), headers={"X-Forwarded-For": "203.0.113.9"})
+    untrusted = await with_admin(rserve_qap.socket)
+    await get(untrusted.url("http", "/c"), headers={"X-Forwarded-For": "203.0.113.9"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "forward.access"]
+    assert len(lines) == 2
+    assert lines[0].startswith('203.0.113.9 "GET /a?b=1 HTTP/1.1" 404 ')
+    assert lines[1].startswith('127.0.0.1 "GET /c HTTP/1.1" 404 ')
