@@ -1,0 +1,111 @@
+"""--workers 2: sessions are served by both workers, and a killed worker is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Rserve
+from .rclient import RClient
+
+pytestmark = pytest.mark.rserve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.update(int(k) for k in (task / "children").read_text().split())
+    return out
+
+
+def all_gone(pids: set[int]) -> bool:
+    return not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+async def per_worker(admin: int) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+        text = await r.text()
+    return {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "forward_worker_sessions_total"
+    }
+
+
+async def sessions(port: int, n: int) -> None:
+    async def one(i: int) -> None:
+        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
+            assert (await c.eval(f"{i} + 1")).value == [float(i + 1)]
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_two_workers_share_the_port_and_survive_a_kill(
+    rserve_qap: Rserve, tmp_path: Path
+) -> None:
+    port, admin = free_port(), free_port()
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify_path))
+        ns.settimeout(30)
+        proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
+            [sys.executable, "-m", "forward", "--workers", "2", "-b", "127.0.0.1",
+             "-p", str(port), "--admin-port", str(admin), "-s", str(rserve_qap.socket),
+             "-u", "", "--log-level", "warning"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
+        )
+        try:
+            # The parent says READY only once both workers have said they serve.
+            assert ns.recv(4096).startswith(b"READY=1")
+            workers = children(proc.pid)
+            assert len(workers) == 2
+            await sessions(port, 24)
+            counts = await per_worker(admin)
+            assert set(counts) == {"0", "1"}
+            assert counts["0"] >= 1 and counts["1"] >= 1, counts
+            assert sum(counts.values()) == 24
+
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while len(now := children(proc.pid) - {victim}) < 2:
+                assert time.monotonic() < deadline, "the killed worker was not replaced"
+                await asyncio.sleep(0.05)
+            assert victim not in now
+            # The totals survive the dead worker; new sessions reach both workers again.
+            await sessions(port, 24)
+            after = await per_worker(admin)
+            assert sum(after.values()) == 48
+            assert after["0"] > counts["0"] and after["1"] > counts["1"], (counts, after)
+
+            proc.terminate()
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+            assert all_gone(now)
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            assert "died with signal 9" in err and "Traceback" not in err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
