@@ -1,0 +1,283 @@
+"""deploy/: the shipped nginx configuration in front of two forwards with real Rserves (TLS at
+nginx), the systemd unit (systemd-analyze verify), the container entry point run outside Docker,
+and the compose and Kubernetes files' wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+import yaml
+
+from forward.stats import Stat
+
+from .conftest import IN_CI, Rserve, StartForward
+from .rclient import RClient
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def need(tool: str | None, name: str) -> str:
+    if tool and Path(tool).exists():
+        return tool
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI (scripts/install-deps installs it)")
+    pytest.skip(f"{name} is not installed")
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not listen on {port}")
+        time.sleep(0.02)
+
+
+# -- nginx ---------------------------------------------------------------------------------------
+
+
+def site_config(upstreams: list[int], port: int, cert: Path, key: Path) -> str:
+    """deploy/nginx/forward.conf with this test's addresses, ports and certificate."""
+    text = (DEPLOY / "nginx" / "forward.conf").read_text()
+    servers = "".join(f"    server 127.0.0.1:{p};\n" for p in upstreams)
+    text, n = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+", servers, text, count=1)
+    assert n == 1
+    text = text.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+    text = re.sub(r"\n\s*listen \[::\]:443 ssl;", "", text)
+    text = text.replace("/etc/ssl/forward/fullchain.pem", str(cert))
+    text = text.replace("/etc/ssl/forward/privkey.pem", str(key))
+    # The plain-HTTP redirect server is not part of this test.
+    return text.split("\nserver {\n    listen 80;")[0]
+
+
+@contextlib.contextmanager
+def nginx(prefix: Path, site: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx as a foreground child with its own prefix; no user switch, loopback only."""
+    for d in ("logs", "tmp"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    temp = "".join(
+        f"    {k}_temp_path {prefix}/tmp/{k};\n"
+        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf.write_text(
+        "daemon off;\nmaster_process off;\n"
+        f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log notice;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        f"    access_log {prefix}/logs/access.log;\n{temp}{site}\n}}\n"
+    )
+    test = subprocess.run([NGINX, "-p", str(prefix), "-c", str(conf), "-t"],
+                          capture_output=True, text=True)
+    assert test.returncode == 0, test.stderr
+    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "nginx")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.rserve
+async def test_nginx_tls_in_front_of_two_forwards(
+    fresh_rserve: Callable[..., Rserve], start_forward: StartForward, tmp_path: Path
+) -> None:
+    need(NGINX, "nginx (nginx-light)")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        with cert_file.open("ab") as f:
+            f.write(extra.bytes())
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    rs = [fresh_rserve(), fresh_rserve()]
+    fwds = [await start_forward(r.socket, trusted_proxy=("127.0.0.1",)) for r in rs]
+    port = free_port()
+    site = site_config([f.server.port("http") for f in fwds], port, cert_file, key_file)
+    with nginx(tmp_path / "nginx", site, port):
+        url = f"wss://127.0.0.1:{port}/"
+        clients = [await RClient.connect(url, ssl_context=client_ctx) for _ in range(6)]
+        try:
+            for i, c in enumerate(clients):
+                assert c.greeting.startswith("Rsrv0103QAP1")  # still one TEXT frame
+                assert (await c.eval(f"{i} * 2")).value == [float(i * 2)]
+            # least_conn with six open sessions: both instances hold some.
+            open_now = [f.server.stats.total(Stat.SESSIONS_OPEN) for f in fwds]
+            assert sum(open_now) == 6 and min(open_now) >= 2, open_now
+            # A larger answer crosses nginx unchanged.
+            big = await clients[0].eval("paste(rep('ab', 100000), collapse='')")
+            assert big.value == ["ab" * 100000]
+        finally:
+            for c in clients:
+                await c.close()
+        # Plain HTTP through the same TLS front end reaches forward's HTTP side.
+        async with aiohttp.ClientSession() as s, s.get(
+            f"https://127.0.0.1:{port}/missing", ssl=client_ctx
+        ) as r:
+            assert r.status == 404
+
+
+# -- systemd -------------------------------------------------------------------------------------
+
+
+def verify_unit(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    # ExecStart must name an existing executable for verify: point it at this Python.
+    text = text.replace("ExecStart=/usr/local/bin/forward",
+                        f"ExecStart={sys.executable} -m forward")
+    unit = tmp_path / "forward.service"
+    unit.write_text(text)
+    return subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    need(SYSTEMD_ANALYZE, "systemd-analyze (systemd)")
+    text = (DEPLOY / "systemd" / "forward.service").read_text()
+    out = verify_unit(tmp_path, text)
+    assert out.returncode == 0, out.stderr
+    assert "Type=notify" in text and "NoNewPrivileges=yes" in text
+    assert "ProtectSystem=strict" in text and "SupplementaryGroups=rserve" in text
+    # The check can fail: the same unit with a broken directive does not verify.
+    bad = verify_unit(tmp_path, text.replace("Type=notify", "Type=notifyy"))
+    assert bad.returncode != 0 or "notifyy" in bad.stderr
+
+
+# -- containers ----------------------------------------------------------------------------------
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text().replace("\\\n", " ").splitlines()
+    out = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["docker/Dockerfile", "rserve/Dockerfile"])
+def test_dockerfiles_copy_what_exists_and_run_unprivileged(name: str) -> None:
+    steps = dockerfile(DEPLOY / name)
+    assert steps[0][0] == "FROM"
+    for word, rest in steps:
+        assert word in {"FROM", "ARG", "RUN", "WORKDIR", "COPY", "VOLUME", "USER", "EXPOSE",
+                        "ENTRYPOINT", "CMD", "ENV", "LABEL"}, word
+        if word == "COPY":
+            *sources, _ = rest.split()
+            for src in sources:
+                assert (ROOT / src).exists(), f"{name}: COPY {src}: not in the build context"
+        if word in ("ENTRYPOINT", "CMD", "VOLUME"):
+            json.loads(rest)  # exec form, so signals reach the process
+    users = [rest for word, rest in steps if word == "USER"]
+    assert users and users[-1] not in ("root", "0")
+
+
+def test_entrypoint_script_is_valid_sh() -> None:
+    out = subprocess.run(["sh", "-n", str(DEPLOY / "docker" / "entrypoint.sh")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def run_entrypoint(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [str(DEPLOY / "docker" / "entrypoint.sh"), *args], cwd=ROOT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "FORWARD": f"{sys.executable} -m forward"},
+        **kw,
+    )
+
+
+def test_entrypoint_refuses_a_bad_configuration(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("http-port = 'eighty'\n")
+    proc = run_entrypoint("--config", str(bad), stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert err.strip() == f"forward: {bad}: http-port: expected an integer"
+
+
+@pytest.mark.rserve
+async def test_entrypoint_serves_with_the_image_configuration(
+    rserve_qap: Rserve, tmp_path: Path
+) -> None:
+    port, admin = free_port(), free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("<p>hello")
+    proc = run_entrypoint(  # the image's CMD, with this machine's paths and ports
+        "--config", str(DEPLOY / "forward.toml"), "-s", str(rserve_qap.socket),
+        "-b", "127.0.0.1", "-p", str(port), "--admin-port", str(admin),
+        "--admin-bind", "127.0.0.1", "-r", str(www), stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.to_thread(wait_port, admin, proc, "forward")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{admin}/healthz") as r:
+                assert r.status == 200
+            async with s.get(f"http://127.0.0.1:{port}/") as r:
+                assert r.status == 200 and "hello" in await r.text()
+        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
+            assert (await c.eval("1 + 2")).value == [3.0]
+        proc.send_signal(signal.SIGTERM)  # the shell exec'd forward: the signal reaches it
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_compose_and_kubernetes_share_the_socket_volume() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for svc in ("rserve", "forward"):
+        assert "rserve-socket:/run/rserve" in services[svc]["volumes"]
+        assert (ROOT / services[svc]["build"]["dockerfile"]).exists()
+    assert "rserve-socket" in compose["volumes"]
+    conf = (DEPLOY / "rserve" / "Rserv.conf").read_text()
+    assert "socket /run/rserve/qap.sock" in conf and "sockmod 0660" in conf
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "forward-sidecar.yaml").read_text()))
+    pod = docs[0]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "rserve-socket", "emptyDir": {"medium": "Memory"}}]
+    mounts = {c["name"]: c["volumeMounts"] for c in pod["containers"]}
+    assert mounts["rserve"] == mounts["forward"] == [
+        {"name": "rserve-socket", "mountPath": "/run/rserve"}
+    ]
+    forward = next(c for c in pod["containers"] if c["name"] == "forward")
+    assert forward["readinessProbe"]["httpGet"]["path"] == "/healthz"
