@@ -7,6 +7,7 @@ is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -36,7 +37,28 @@ from .stats import Stats
 
 log = logging.getLogger(__name__)
 
-Sessions = weakref.WeakSet[Session]
+class Sessions(weakref.WeakSet[Session]):
+    """The open sessions; `emptied()` lets a graceful drain wait for the last one to end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def discard(self, item: Session) -> None:
+        super().discard(item)
+        if not self:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def emptied(self) -> None:
+        if self:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+
 SESSIONS = web.AppKey("sessions", Sessions)
 RELAY = web.AppKey("relay", RelaySettings)
 LISTENER = web.AppKey("listener", str)
@@ -170,7 +192,7 @@ class Server:
     config: Config
     ssl_context: ssl.SSLContext | None = None
     http_handler: Handler = not_found
-    sessions: Sessions = field(default_factory=weakref.WeakSet)
+    sessions: Sessions = field(default_factory=Sessions)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
     # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
     stats: Stats = field(default_factory=Stats)
@@ -255,6 +277,24 @@ class Server:
     async def _close_sessions(self, app: web.Application) -> None:
         for session in list(self.sessions):
             session.close(1001, "forward is shutting down", notice=True)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting (every listener), then give open sessions up to `grace` seconds to
+        end by themselves; `stop()` closes those still open, with the shutdown notice."""
+        for runner in self.runners.values():
+            for site in list(runner.sites):
+                await site.stop()
+        if grace <= 0 or not self.sessions:
+            return
+        log.info("draining: waiting up to %g s for %d open session(s)", grace,
+                 len(self.sessions))
+        try:
+            async with asyncio.timeout(grace):
+                await self.sessions.emptied()
+        except TimeoutError:
+            log.info("drain time over: closing %d session(s)", len(self.sessions))
+        else:
+            log.info("drained: every session has ended")
 
     async def stop(self) -> None:
         # AppRunner.cleanup closes the listeners first, then runs on_shutdown (which closes the

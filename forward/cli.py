@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -131,6 +132,8 @@ async def serve(
     try:
         await server.start(listeners)
     except BaseException:
+        if manage:
+            unlink_unix(config)
         pid_file.remove()
         raise
     stop = asyncio.Event()
@@ -149,22 +152,41 @@ async def serve(
         daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
     if ready is not None:
         ready.set()
+    deleted = False
     try:
         await stop.wait()
         log.info("shutting down")
-    finally:
         if manage:
             daemon.notify("STOPPING=1")
+        if manager is not None:  # first, so that the manager stops sending sessions here
+            await manager.delete()
+            deleted = True
+        await _drain(server, config.drain_timeout, stop)
+    finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         try:
             await server.stop()
         finally:
-            if manager is not None:
+            if manager is not None and not deleted:
                 await manager.delete()
             if manage:
                 unlink_unix(config)
             pid_file.remove()
+
+
+async def _drain(server: Server, grace: float, stop: asyncio.Event) -> None:
+    """Server.drain, cut short by a second SIGTERM/SIGINT."""
+    stop.clear()
+    drain = asyncio.ensure_future(server.drain(grace))
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        log.info("second signal: closing open sessions now")
+    for task in (drain, again):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _loop_factory() -> Any:

@@ -214,6 +214,13 @@ class Config:
         help="a proxy (address or network) whose X-Forwarded-For and X-Real-IP headers are "
         "believed; repeatable (default: none, such headers from clients are replaced)",
     )
+    drain_timeout: float = _opt(
+        0.0,
+        "--drain-timeout",
+        metavar="SECONDS",
+        help="at SIGTERM/SIGINT, stop accepting and let open sessions finish for up to this "
+        "long before they are closed with the shutdown notice (default 0: close at once)",
+    )
     listen_unix: str | None = _opt(
         None,
         "--listen-unix",
@@ -327,6 +334,8 @@ class Config:
             raise ConfigError(f"--admin-port {self.admin_port}: 0 (off) or a port up to 65535")
         if self.admin_port and self.admin_port in (self.http_port, self.ws_port):
             raise ConfigError(f"--admin-port {self.admin_port} is already used by -p or -w")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must be 0 (off) or a number of seconds")
         if not 1 <= self.workers <= 256:
             raise ConfigError(f"--workers {self.workers}: between 1 and 256")
 

@@ -236,7 +236,7 @@ class Supervisor:
             return
         self._none_left.clear()
         self._signal_all(signal.SIGTERM)
-        limit = self.config.shutdown_timeout + KILL_GRACE
+        limit = self.config.drain_timeout + self.config.shutdown_timeout + KILL_GRACE
         try:
             async with asyncio.timeout(limit):
                 await self._none_left.wait()

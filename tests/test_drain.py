@@ -1,0 +1,102 @@
+"""Graceful drain at SIGTERM: stop accepting, let sessions finish, then the shutdown notice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from forward import qap
+
+from .conftest import Rserve, StartForward
+from .rclient import RClient
+
+pytestmark = pytest.mark.rserve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:  # it reached the backlog as the socket closed: try again
+        return False
+    writer.close()
+    return False
+
+
+async def test_drain_lets_open_sessions_finish(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(rserve_qap.socket)
+    port = fwd.server.port("http")
+    c = await RClient.connect(fwd.url("http"))
+    try:
+        drain = asyncio.create_task(fwd.server.drain(60))
+        async with asyncio.timeout(10):
+            while not await refused(port):  # the listener closes first
+                continue
+        assert not drain.done()
+        assert (await c.eval("2 + 2")).value == [4.0]  # the open session still works
+    finally:
+        await c.close()
+    async with asyncio.timeout(10):  # ...and its end ends the drain, long before 60 s
+        await drain
+
+
+async def test_sessions_left_after_the_drain_get_the_shutdown_notice(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(rserve_qap.socket)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        assert (await c.eval("1")).value == [1.0]
+        await fwd.server.drain(0.05)
+        await fwd.server.stop()
+        notice = await c.ws.receive()
+        assert notice.type is aiohttp.WSMsgType.BINARY and notice.data == qap.SHUTDOWN_NOTICE
+        closing = await c.ws.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_drains_then_exits_zero(rserve_qap: Rserve) -> None:
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
+        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-u", "",
+         "-s", str(rserve_qap.socket), "--drain-timeout", "60"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "listening on" in line:
+                break
+        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
+            proc.send_signal(signal.SIGTERM)
+            for line in proc.stderr:
+                if "draining" in line:
+                    break
+            assert (await c.eval("3 * 3")).value == [9.0]
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        rest = proc.stderr.read()
+        assert "drained: every session has ended" in rest and "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
