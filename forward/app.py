@@ -245,6 +245,8 @@ class Server:
         if c.admin_port > 0:
             admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
+        if self.ssl_context is not None:
+            health.count_tls_failures(self.ssl_context, relay.stats)
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterator
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from .stats import Stat, Stats
+from .stats import Slot, Stat, Stats
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +132,23 @@ def build_admin_app(admin: Admin) -> web.Application:
                           ("/metrics", metrics)):
         app.router.add_get(path, handler)
     return app
+
+
+def count_tls_failures(context: ssl.SSLContext, row: Slot) -> None:
+    """Count failed TLS handshakes on connections made with `context`.
+
+    asyncio and uvloop report a failed handshake only in debug mode, but both run it through
+    `context.wrap_bio(...).do_handshake()`, so a subclass of SSLObject sees every outcome.
+    """
+
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # not a failure: the handshake needs more bytes
+            except (ssl.SSLError, OSError):
+                row.add(Stat.TLS_HANDSHAKE_FAILURES)
+                raise
+
+    context.sslobject_class = CountingSSLObject

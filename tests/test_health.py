@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from forward.app import Server
 from forward.config import Config
-from forward.stats import Stats
+from forward.stats import Stat, Stats
 
-from .conftest import Rserve, bound
+from .conftest import Rserve, StartForward, bound
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
@@ -139,3 +141,32 @@ async def test_access_log_line_and_trusted_proxy(
     assert len(lines) == 2
     assert lines[0].startswith('203.0.113.9 "GET /a?b=1 HTTP/1.1" 404 ')
     assert lines[1].startswith('127.0.0.1 "GET /c HTTP/1.1" 404 ')
+
+
+async def test_tls_handshake_failures_are_counted(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    fwd = await start_forward(rserve_qap.socket, ssl_context=server_ctx)
+    stats = fwd.server.stats
+    good = ssl.create_default_context()
+    ca.configure_trust(good)
+    async with await RClient.connect(fwd.url("http"), ssl_context=good) as c:
+        assert (await c.eval("1")).value == [1.0]
+    assert stats.total(Stat.TLS_HANDSHAKE_FAILURES) == 0
+    # Plain HTTP to the TLS port: the server's handshake fails and it closes.
+    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.server.port("http"))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await reader.read() == b""
+    writer.close()
+    assert stats.total(Stat.TLS_HANDSHAKE_FAILURES) == 1
+    # A client that offers only TLS 1.2: the server refuses the version.
+    old = ssl.create_default_context()
+    ca.configure_trust(old)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await RClient.connect(fwd.url("http"), ssl_context=old)
+    assert stats.total(Stat.TLS_HANDSHAKE_FAILURES) == 2
