@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -113,6 +115,15 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+def raise_file_limit() -> None:
+    """Use the hard open-file limit: every session holds two descriptors, and the usual soft
+    limit of 1024 would cap a server at a few hundred sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_args(argv)
@@ -120,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forward: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
+    raise_file_limit()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(config))

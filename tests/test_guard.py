@@ -86,6 +86,7 @@ def test_client_address_believes_only_trusted_proxies() -> None:
     assert client_address("10.0.0.2", "6.6.6.6, 5.5.5.5, 10.0.0.9", trusted) == "5.5.5.5"
     assert client_address("10.0.0.2", None, trusted) == "10.0.0.2"
     assert client_address("10.0.0.2", "5.5.5.5", ()) == "10.0.0.2"
+    assert client_address("::ffff:10.0.0.2", "5.5.5.5", trusted) == "5.5.5.5"
 
 
 # -- on a running server ------------------------------------------------------------------------
