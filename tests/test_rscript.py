@@ -38,7 +38,8 @@ from forward.rscript import (
 )
 from forward.static import Refusal
 
-from .conftest import Rserve, Running, StartForward
+from .conftest import C_FORWARD, Rserve, Running, StartForward
+from .test_cli import free_port
 
 # -- pure: packing ---------------------------------------------------------------------------------
 
@@ -611,3 +612,56 @@ async def test_fake_backend_oob_send_is_skipped(
     fwd = await serve(start_forward, docroot, await fake_r(script))
     async with aiohttp.ClientSession() as s, s.get(fwd.http_url("/text.R")) as r:
         assert (r.status, await r.text()) == (200, "hello")
+
+
+# -- the same request through the C forward --------------------------------------------------------
+
+CONFORMANCE_REQUEST = (
+    b"POST /echo.R/path/info?x=1&y=%20 HTTP/1.1\r\nHost: h\r\n"
+    b"Content-Type: multipart/form-data; boundary=AbC\r\nX-Thing: MiXeD value\r\n"
+    b"Content-Length: 7\r\nConnection: close\r\n\r\nab\0cd\xff\n"
+)
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return body
+
+
+@pytest.mark.rserve
+async def test_r_gets_what_the_c_forward_sends(
+    rpages: Rserve, docroot: Path, start_forward: StartForward, tmp_path: Path
+) -> None:
+    """R receives the bytes the C program sends, plus forward's own header lines."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        str(C_FORWARD), "-p", str(port), "-r", str(docroot), "-R", str(rpages.socket),
+        "-s", str(tmp_path / "none.sock"), "-u", str(tmp_path / "no-ulog"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):  # the C program has no readiness signal: poll its port
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.025)
+                continue
+            w.close()
+            await w.wait_closed()
+            break
+        from_c = await _exchange(port, CONFORMANCE_REQUEST)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    fwd = await serve(start_forward, docroot, rpages.socket)
+    ours = await _exchange(fwd.server.port("http"), CONFORMANCE_REQUEST)
+    own = b"X-Real-IP: 127.0.0.1\nX-Forwarded-For: 127.0.0.1\n"
+    assert own in ours
+    assert ours.replace(own, b"") == from_c
+    assert from_c.endswith(b"\0ab\0cd\xff\n")
