@@ -158,9 +158,18 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     elif text.count(":") == 1:  # v4:port
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _show_ip(text: str) -> str:
+    ip = _parse_ip(text)
+    return str(ip) if ip is not None else text
 
 
 def _trusted(addr: str, trusted: Sequence[IPNetwork]) -> bool:
@@ -183,7 +192,7 @@ def client_identity(
     own address appended; X-Real-IP is then the proxy's X-Real-IP (nginx's `$remote_addr`), or
     else the nearest untrusted address in the chain.
     """
-    peer = peer or "unknown"
+    peer = _show_ip(peer) if peer else "unknown"
     out: list[tuple[str, str]] = []
     if trusted and _trusted(peer, trusted):
         chain = [a.strip() for a in (forwarded_for or "").split(",") if a.strip()]
@@ -328,11 +337,27 @@ def interpret(obj: RObj) -> Answer:
     return Answer(body, ctype, tuple(headers), status, tuple(dropped))
 
 
+def _error_text(payload: bytes) -> str | None:
+    """The message an error response carries, if any (Rserve's OCAP path sends none today)."""
+    try:
+        for kind, body in rexp.params(payload):
+            if kind == Dt.STRING:
+                return bytes(body).split(b"\0", 1)[0].decode("utf-8", "replace") or None
+            if kind == Dt.SEXP:
+                return _single_string(rexp.decode(body))
+    except (RexpError, struct.error, ValueError, IndexError, TypeError):
+        pass
+    return None
+
+
 def unpack_answer(header: Header, payload: bytes) -> Answer:
     """Rserve's reply to the OCcall -> `Answer`; a failure -> `Refusal` (500) with clear text."""
     cmd = header.cmd
     if cmd & 0xFFFFFF == Cmd.RESP_ERR:
         code = cmd >> 24
+        message = _error_text(payload)
+        if message:
+            raise _fail(f"R failed while rendering this page: {message}")
         raise _fail(
             f"R failed while rendering this page (Rserve error code 0x{code:02x}); "
             "the R error message is in Rserve's output."

@@ -152,6 +152,11 @@ NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
         # a trusted proxy that says nothing: it is the client
         ("127.0.0.1", None, None, [("X-Real-IP", "127.0.0.1"), ("X-Forwarded-For", "127.0.0.1")]),
         ("::1", None, None, [("X-Real-IP", "::1"), ("X-Forwarded-For", "::1")]),
+        # a dual-stack listener's view of an IPv4 client; still the trusted 127.0.0.1
+        ("::ffff:127.0.0.1", "192.0.2.1", None, [
+            ("X-Real-IP", "192.0.2.1"), ("X-Forwarded-For", "192.0.2.1, 127.0.0.1")]),
+        ("::ffff:192.0.2.8", None, None, [
+            ("X-Real-IP", "192.0.2.8"), ("X-Forwarded-For", "192.0.2.8")]),
     ],
 )
 def test_client_identity(
@@ -243,6 +248,14 @@ def test_unpack_resp_err() -> None:
     with pytest.raises(Refusal) as info:
         unpack_answer(Header(Cmd.RESP_ERR | (0x7F << 24), 0, 1), b"")
     assert info.value.status == 500 and "0x7f" in info.value.text
+    # an error response that carries R's message shows it
+    for payload in (rexp.string_param("Error: boom"), rexp.sexp_param(S(["Error: boom"]))):
+        with pytest.raises(Refusal) as info:
+            unpack_answer(Header(Cmd.RESP_ERR | (0x45 << 24), len(payload), 1), payload)
+        assert info.value.text == "R failed while rendering this page: Error: boom"
+    garbage = b"\x0a\x08\x00\x00\xee\xee"
+    with pytest.raises(Refusal, match="0x45"):
+        unpack_answer(Header(Cmd.RESP_ERR | (0x45 << 24), len(garbage), 1), garbage)
 
 
 @settings(max_examples=300, deadline=None)
