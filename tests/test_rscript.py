@@ -457,6 +457,11 @@ async def test_path_info_and_library(
             assert r.status == 200
             url, _, _, _, _ = split_request(await r.read())
             assert url == b"/library/base/html/mean.html"
+        async with s.get(fwd.http_url("/doc/html/index.html")) as r:
+            assert split_request(await r.read())[0] == b"/doc/html/index.html"
+        async with s.put(fwd.http_url("/app/echo.R"), data=b"put-body") as r:
+            _, _, _, body, lines = split_request(await r.read())
+            assert (lines[0], body) == (b"Request-Method: PUT", b"put-body")
         async with s.get(fwd.http_url("/missing.R")) as r:
             assert (r.status, await r.text()) == (404, "R script not found.\n")
         async with s.get(fwd.http_url("/missing.R/x")) as r:
