@@ -160,8 +160,11 @@ def parse_target(raw: str) -> Target:
         if not seg:
             continue
         if seg in (b".", b"..") or b"/" in seg or _bad_byte(seg):
-            raise Refusal(403, "Forbidden: the path leaves the document root or holds "
-                               "characters that are not allowed.")
+            raise Refusal(
+                403,
+                "Forbidden: the path leaves the document root or holds "
+                "characters that are not allowed.",
+            )
         segments.append(os.fsdecode(seg))
     return Target(b"/".join(decoded), tuple(segments), raw_path.endswith("/"), query)
 
@@ -240,8 +243,9 @@ class DocRoot:
         return path, st
 
 
-def sibling(path: str, st: os.stat_result, accept_encoding: str) -> tuple[str, os.stat_result,
-                                                                          str | None]:
+def sibling(
+    path: str, st: os.stat_result, accept_encoding: str
+) -> tuple[str, os.stat_result, str | None]:
     """The precompressed sibling to send instead of `path`, if the client takes it and it is a
     regular file (not a symlink) at least as new as the file; else the file itself."""
     if accept_encoding:
@@ -317,9 +321,7 @@ class StaticFiles:
                 {hdrs.ALLOW: ", ".join(STATIC_METHODS)},
             )
         path, st = self.docroot.resolve(target)
-        served, sst, encoding = sibling(
-            path, st, request.headers.get(hdrs.ACCEPT_ENCODING, "")
-        )
+        served, sst, encoding = sibling(path, st, request.headers.get(hdrs.ACCEPT_ENCODING, ""))
         headers: dict[str, str] = {
             hdrs.CONTENT_TYPE: content_type(path),
             hdrs.CACHE_CONTROL: "no-cache",

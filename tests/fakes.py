@@ -47,6 +47,7 @@ class FakeRserve:
     received: list[bytearray] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
     connections: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> FakeRserve:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -57,6 +58,7 @@ class FakeRserve:
                 pass
             finally:
                 w.close()
+                self.closed.set()
 
         self.server = await asyncio.start_unix_server(handle, str(self.path))
         return self

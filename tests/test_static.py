@@ -171,9 +171,39 @@ async def test_follow_symlinks_option(tree: Path, start_forward: StartForward) -
 
 
 PIECES = [
-    "..", ".", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\", "/", "//", "%", "%25", "%00",
-    "%0a", "sub", "up", "empty", "hello.txt", "index.html", "link_in", "link_out", "dir_out",
-    "outside", "secret.txt", "loop", "a", ";", "?", "#", "%3f", "~", "%c0%ae",
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "\\",
+    "/",
+    "//",
+    "%",
+    "%25",
+    "%00",
+    "%0a",
+    "sub",
+    "up",
+    "empty",
+    "hello.txt",
+    "index.html",
+    "link_in",
+    "link_out",
+    "dir_out",
+    "outside",
+    "secret.txt",
+    "loop",
+    "a",
+    ";",
+    "?",
+    "#",
+    "%3f",
+    "~",
+    "%c0%ae",
 ]
 
 
@@ -238,9 +268,7 @@ async def test_missing_is_404_with_text(tree: Path, start_forward: StartForward)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
-async def test_other_methods_are_405(
-    tree: Path, start_forward: StartForward, method: str
-) -> None:
+async def test_other_methods_are_405(tree: Path, start_forward: StartForward, method: str) -> None:
     fwd = await serve(start_forward, tree)
     async with aiohttp.ClientSession() as s, s.request(method, fwd.http_url("/hello.txt")) as r:
         assert r.status == 405
