@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from . import rexp
 from .config import Config
+from .guard import client_address
 from .qap import CMD_OOB, HEADER_SIZE, Cmd, Dt, Header, Xt
 from .rexp import RexpError, RObj
 from .static import DocRoot, Refusal, Target
@@ -189,17 +190,17 @@ def client_identity(
 
     A peer that is not a trusted proxy is the client: its address is X-Real-IP and the whole of
     X-Forwarded-For, whatever it sent. A trusted proxy's X-Forwarded-For is kept and the proxy's
-    own address appended; X-Real-IP is then the proxy's X-Real-IP (nginx's `$remote_addr`), or
-    else the nearest untrusted address in the chain.
+    own address appended; X-Real-IP is then the nearest address in that chain that is not a
+    trusted proxy (the guard's rule, guard.client_address), or, when the proxy sent no chain,
+    its own X-Real-IP (nginx: `proxy_set_header X-Real-IP $remote_addr;`, Rserve's example).
     """
     peer = _show_ip(peer) if peer else "unknown"
     out: list[tuple[str, str]] = []
     if trusted and _trusted(peer, trusted):
         chain = [a.strip() for a in (forwarded_for or "").split(",") if a.strip()]
-        client = real_ip.strip() if real_ip and _parse_ip(real_ip) else None
-        if client is None:
-            client = next((a for a in reversed(chain) if not _trusted(a, trusted)), None)
-            client = client or (chain[0] if chain else peer)
+        client = client_address(peer, forwarded_for, trusted) if chain else peer
+        if client == peer and not chain and real_ip and _parse_ip(real_ip):
+            client = real_ip.strip()
         out.append(("X-Real-IP", client))
         out.append(("X-Forwarded-For", ", ".join([*chain, peer])))
     else:
@@ -308,9 +309,7 @@ def interpret(obj: RObj) -> Answer:
         text = _single_string(obj)
         raise _fail(text if text else "R returned an empty error.")
     if obj.xt != Xt.VECTOR:
-        raise _fail(
-            f"R returned neither a list nor a character string (expression type {obj.xt})."
-        )
+        raise _fail(f"R returned neither a list nor a character string (expression type {obj.xt}).")
     items: list[RObj] = obj.value
     if not items:
         raise _fail("R returned an empty list: the body is missing.")
@@ -376,8 +375,9 @@ def unpack_answer(header: Header, payload: bytes) -> Answer:
 # -- the I/O layer ---------------------------------------------------------------------------------
 
 
-async def _read_message(reader: asyncio.StreamReader, limit: int, what: str) -> tuple[Header,
-                                                                                      bytes]:
+async def _read_message(
+    reader: asyncio.StreamReader, limit: int, what: str
+) -> tuple[Header, bytes]:
     try:
         header = Header.parse(await reader.readexactly(HEADER_SIZE))
         if limit and header.length > limit:
@@ -513,13 +513,15 @@ class RScripts:
             )
             answer = unpack_answer(header, payload)
         except Refusal as refusal:
-            log.warning("%s %s: %s", request.method, target.path.decode("utf-8", "replace"),
-                        refusal.text)
+            log.warning(
+                "%s %s: %s", request.method, target.path.decode("utf-8", "replace"), refusal.text
+            )
             raise
         if answer.dropped:
             log.warning(
                 "%s: R set header(s) %s, which forward sets itself; left out",
-                target.path.decode("utf-8", "replace"), ", ".join(answer.dropped),
+                target.path.decode("utf-8", "replace"),
+                ", ".join(answer.dropped),
             )
         headers: CIMultiDict[str] = CIMultiDict(answer.headers)
         headers[hdrs.CONTENT_TYPE] = answer.content_type

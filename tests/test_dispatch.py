@@ -24,11 +24,21 @@ def test_new_flags() -> None:
     c = parse_args([])
     assert (c.follow_symlinks, c.trusted_proxy, c.max_body_size) == (False, (), 64 * 1024 * 1024)
     c = parse_args(
-        ["--follow-symlinks", "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "10.0.0.0/8",
-         "--max-body-size", "1000"]
+        [
+            "--follow-symlinks",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--max-body-size",
+            "1000",
+        ]
     )
     assert (c.follow_symlinks, c.trusted_proxy, c.max_body_size) == (
-        True, ("127.0.0.1", "10.0.0.0/8"), 1000)
+        True,
+        ("127.0.0.1", "10.0.0.0/8"),
+        1000,
+    )
 
 
 @pytest.mark.parametrize(
@@ -45,9 +55,22 @@ def test_bad_new_flags(args: list[str], message: str) -> None:
 
 def test_missing_doc_root_fails_before_serving(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(free_port()),
-         "-r", str(tmp_path / "nowhere")],
-        cwd=ROOT, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(free_port()),
+            "-r",
+            str(tmp_path / "nowhere"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode != 0
@@ -62,9 +85,7 @@ oc.init <- function() ocap(function(req) list("<p>from R</p>", "text/html; chars
 
 
 @pytest.mark.rserve
-async def test_cli_serves_files_and_r(
-    tmp_path: Path, fresh_rserve: Callable[..., Rserve]
-) -> None:
+async def test_cli_serves_files_and_r(tmp_path: Path, fresh_rserve: Callable[..., Rserve]) -> None:
     r = fresh_rserve(ocap=True, source=PAGE)
     root = tmp_path / "www"
     root.mkdir()
@@ -72,9 +93,24 @@ async def test_cli_serves_files_and_r(
     (root / "page.R").write_text("#\n")
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-r", str(root),
-         "-R", str(r.socket), "-s", str(tmp_path / "unused.sock")],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-r",
+            str(root),
+            "-R",
+            str(r.socket),
+            "-s",
+            str(tmp_path / "unused.sock"),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:

@@ -48,15 +48,16 @@ CAP = b"\x22\x04\x00\x00ab\x00\x01"  # a stand-in capability: XT_ARRAY_STR "ab"
 
 def test_pack_call_bytes() -> None:
     chunks = pack_call(CAP, 7, b"/a.R", b"x=1", b"H: v\n", b"\x00\xff")
-    assert b"".join(chunks) == (
-        b"\x0f\x00\x00\x00\x2c\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00"  # OCcall, 44 bytes
-        b"\x0a\x28\x00\x00"  # DT_SEXP, 40
-        b"\x16\x24\x00\x00"  # XT_LANG_NOTAG, 36
-        + CAP
-        + b"\x25\x18\x00\x00"  # XT_RAW, 24
-        b"\x11\x00\x00\x00"  # 17 bytes of content
-        b"/a.R\x00x=1\x00H: v\n\x00\x00\xff"
-        b"\x00\x00\x00"  # padding to 4
+    assert (
+        b"".join(chunks)
+        == (
+            b"\x0f\x00\x00\x00\x2c\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00"  # OCcall, 44 bytes
+            b"\x0a\x28\x00\x00"  # DT_SEXP, 40
+            b"\x16\x24\x00\x00" + CAP + b"\x25\x18\x00\x00"  # XT_LANG_NOTAG, 36  # XT_RAW, 24
+            b"\x11\x00\x00\x00"  # 17 bytes of content
+            b"/a.R\x00x=1\x00H: v\n\x00\x00\xff"
+            b"\x00\x00\x00"  # padding to 4
+        )
     )
     assert chunks[1] == b"\x00\xff"  # the body is passed as it is, not copied into the header
 
@@ -140,23 +141,62 @@ NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
     ("peer", "xff", "real", "expected"),
     [
         # an untrusted peer is the client, whatever it claims
-        ("203.0.113.5", "1.2.3.4", "1.2.3.4", [("X-Real-IP", "203.0.113.5"),
-                                               ("X-Forwarded-For", "203.0.113.5")]),
-        # a trusted proxy: its chain is kept and it is appended; its X-Real-IP is believed
-        ("127.0.0.1", "198.51.100.7", "198.51.100.7", [
-            ("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.7, 127.0.0.1")]),
+        (
+            "203.0.113.5",
+            "1.2.3.4",
+            "1.2.3.4",
+            [("X-Real-IP", "203.0.113.5"), ("X-Forwarded-For", "203.0.113.5")],
+        ),
+        # a trusted proxy: its chain is kept and it is appended
+        (
+            "127.0.0.1",
+            "198.51.100.7",
+            "198.51.100.7",
+            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.7, 127.0.0.1")],
+        ),
+        # the chain decides, not an X-Real-IP a client slipped through the proxy
+        (
+            "127.0.0.1",
+            "6.6.6.6, 198.51.100.7",
+            "6.6.6.6",
+            [
+                ("X-Real-IP", "198.51.100.7"),
+                ("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 127.0.0.1"),
+            ],
+        ),
+        # Rserve's nginx example sets only X-Real-IP: believed from a trusted proxy
+        (
+            "127.0.0.1",
+            None,
+            "198.51.100.7",
+            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "127.0.0.1")],
+        ),
         # no X-Real-IP: the nearest untrusted address in the chain
-        ("127.0.0.1", "198.51.100.7, 203.0.113.9, 10.1.1.1", None, [
-            ("X-Real-IP", "203.0.113.9"),
-            ("X-Forwarded-For", "198.51.100.7, 203.0.113.9, 10.1.1.1, 127.0.0.1")]),
+        (
+            "127.0.0.1",
+            "198.51.100.7, 203.0.113.9, 10.1.1.1",
+            None,
+            [
+                ("X-Real-IP", "203.0.113.9"),
+                ("X-Forwarded-For", "198.51.100.7, 203.0.113.9, 10.1.1.1, 127.0.0.1"),
+            ],
+        ),
         # a trusted proxy that says nothing: it is the client
         ("127.0.0.1", None, None, [("X-Real-IP", "127.0.0.1"), ("X-Forwarded-For", "127.0.0.1")]),
         ("::1", None, None, [("X-Real-IP", "::1"), ("X-Forwarded-For", "::1")]),
         # a dual-stack listener's view of an IPv4 client; still the trusted 127.0.0.1
-        ("::ffff:127.0.0.1", "192.0.2.1", None, [
-            ("X-Real-IP", "192.0.2.1"), ("X-Forwarded-For", "192.0.2.1, 127.0.0.1")]),
-        ("::ffff:192.0.2.8", None, None, [
-            ("X-Real-IP", "192.0.2.8"), ("X-Forwarded-For", "192.0.2.8")]),
+        (
+            "::ffff:127.0.0.1",
+            "192.0.2.1",
+            None,
+            [("X-Real-IP", "192.0.2.1"), ("X-Forwarded-For", "192.0.2.1, 127.0.0.1")],
+        ),
+        (
+            "::ffff:192.0.2.8",
+            None,
+            None,
+            [("X-Real-IP", "192.0.2.8"), ("X-Forwarded-For", "192.0.2.8")],
+        ),
     ],
 )
 def test_client_identity(
@@ -167,7 +207,9 @@ def test_client_identity(
 
 def test_client_identity_without_trusted_proxies() -> None:
     assert client_identity("127.0.0.1", "1.1.1.1", "1.1.1.1", ()) == [
-        ("X-Real-IP", "127.0.0.1"), ("X-Forwarded-For", "127.0.0.1")]
+        ("X-Real-IP", "127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1"),
+    ]
 
 
 def test_certificate_subject() -> None:
@@ -211,12 +253,18 @@ def test_unpack_answer_bytes() -> None:
         (rlist(S(["<b>x</b>"])), Answer(b"<b>x</b>")),
         (rlist(rexp.raw(b"\x00\x01\xff"), S(["image/png"])), Answer(b"\x00\x01\xff", "image/png")),
         (rlist(S(["x"]), NULL, NULL, RObj(Xt.ARRAY_INT, [404])), Answer(b"x", status=404)),
-        (rlist(S(["x"]), S(["text/plain"]), S([""]), rexp.doubles([410.0])),
-         Answer(b"x", "text/plain", status=410)),
-        (rlist(S(["x"]), S(["text/plain"]), S(["A: 1\r\nB: 2", "C: 3"])),
-         Answer(b"x", "text/plain", (("A", "1"), ("B", "2"), ("C", "3")))),
-        (rlist(S(["x"]), S(["t/p"]), S(["Content-Length: 9\nX: y"])),
-         Answer(b"x", "t/p", (("X", "y"),), dropped=("Content-Length",))),
+        (
+            rlist(S(["x"]), S(["text/plain"]), S([""]), rexp.doubles([410.0])),
+            Answer(b"x", "text/plain", status=410),
+        ),
+        (
+            rlist(S(["x"]), S(["text/plain"]), S(["A: 1\r\nB: 2", "C: 3"])),
+            Answer(b"x", "text/plain", (("A", "1"), ("B", "2"), ("C", "3"))),
+        ),
+        (
+            rlist(S(["x"]), S(["t/p"]), S(["Content-Length: 9\nX: y"])),
+            Answer(b"x", "t/p", (("X", "y"),), dropped=("Content-Length",)),
+        ),
         (rlist(S(["é"])), Answer("é".encode())),
     ],
 )
@@ -282,7 +330,9 @@ def test_parse_greeting() -> None:
 
 def test_parse_header_lines() -> None:
     assert parse_header_lines("A: 1\n\nSet-Cookie: a=b; Path=/\r\n") == (
-        [("A", "1"), ("Set-Cookie", "a=b; Path=/")], [])
+        [("A", "1"), ("Set-Cookie", "a=b; Path=/")],
+        [],
+    )
 
 
 # -- with a real OCAP Rserve -------------------------------------------------------------------
@@ -311,8 +361,7 @@ render <- function(req) {
 }
 oc.init <- function() ocap(render)
 """
-PAGES = ["text", "raw", "json", "headers", "status", "dstatus", "error", "errstr", "echo",
-         "number"]
+PAGES = ["text", "raw", "json", "headers", "status", "dstatus", "error", "errstr", "echo", "number"]
 
 
 @pytest.fixture(scope="module")
@@ -413,12 +462,21 @@ async def test_post_body_and_headers_reach_r_intact(
     fwd = await serve(start_forward, docroot, rpages.socket)
     body = os.urandom(200_000) + b"\0\0\xff"
     ctype = "multipart/form-data; boundary=----AbCdEfGhIjK"
-    async with aiohttp.ClientSession() as s, s.post(
-        fwd.http_url("/echo.R?a=1&b=%20x"),
-        data=body,
-        headers={"Content-Type": ctype, "X-Real-IP": "6.6.6.6", "X-Forwarded-For": "6.6.6.6",
-                 "X-SSL-Client-CN": "admin", "Request-Method": "DELETE", "X-Mixed": "MiXeD"},
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            fwd.http_url("/echo.R?a=1&b=%20x"),
+            data=body,
+            headers={
+                "Content-Type": ctype,
+                "X-Real-IP": "6.6.6.6",
+                "X-Forwarded-For": "6.6.6.6",
+                "X-SSL-Client-CN": "admin",
+                "Request-Method": "DELETE",
+                "X-Mixed": "MiXeD",
+            },
+        ) as r,
+    ):
         assert r.status == 200
         url, query, headers, got, lines = split_request(await r.read())
     assert (url, query, got) == (b"/echo.R", b"a=1&b=%20x", body)
@@ -435,9 +493,10 @@ async def test_post_body_and_headers_reach_r_intact(
 @pytest.mark.rserve
 async def test_trusted_proxy(rpages: Rserve, docroot: Path, start_forward: StartForward) -> None:
     fwd = await serve(start_forward, docroot, rpages.socket, trusted_proxy=("127.0.0.1",))
-    async with aiohttp.ClientSession() as s, s.get(
-        fwd.http_url("/echo.R"), headers={"X-Forwarded-For": "198.51.100.7"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(fwd.http_url("/echo.R"), headers={"X-Forwarded-For": "198.51.100.7"}) as r,
+    ):
         _, _, headers, _, _ = split_request(await r.read())
     assert headers["x-real-ip"] == "198.51.100.7"
     assert headers["x-forwarded-for"] == "198.51.100.7, 127.0.0.1"
@@ -502,18 +561,17 @@ async def test_client_certificate_subject_reaches_r(
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     ca.issue_cert("alice@example.org", common_name="alice").configure_cert(client_ctx)
-    async with aiohttp.ClientSession() as s, s.get(
-        fwd.http_url("/echo.R"), ssl=client_ctx
-    ) as r:
+    async with aiohttp.ClientSession() as s, s.get(fwd.http_url("/echo.R"), ssl=client_ctx) as r:
         _, _, headers, _, _ = split_request(await r.read())
     assert headers["x-ssl-client-cn"] == "alice"
     assert "CN=alice" in headers["x-ssl-client-s-dn"]
 
     anonymous = ssl.create_default_context()
     ca.configure_trust(anonymous)
-    async with aiohttp.ClientSession() as s, s.get(
-        fwd.http_url("/echo.R"), ssl=anonymous, headers={"X-SSL-Client-CN": "alice"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(fwd.http_url("/echo.R"), ssl=anonymous, headers={"X-SSL-Client-CN": "alice"}) as r,
+    ):
         _, _, headers, _, _ = split_request(await r.read())
     assert "x-ssl-client-cn" not in headers and "x-ssl-client-s-dn" not in headers
 
@@ -540,8 +598,9 @@ HELLO = rexp.sexp_param(rlist(S(["hello"])))
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def _answer_with(reply: bytes, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
+async def _answer_with(
+    reply: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     writer.write(GREETING)
     head = Header.parse(await reader.readexactly(16))
     await reader.readexactly(head.length)
@@ -551,16 +610,27 @@ async def _answer_with(reply: bytes, reader: asyncio.StreamReader,
 
 FAKES: list[tuple[str, bytes | None, bytes, str]] = [
     # (name, bytes sent first (None: the OCAP greeting, then read the call), reply, 500 text)
-    ("classic greeting", b"Rsrv0103QAP1\r\n\r\n--------------\r\n", b"",
-     "not running in OCAP mode"),
+    (
+        "classic greeting",
+        b"Rsrv0103QAP1\r\n\r\n--------------\r\n",
+        b"",
+        "not running in OCAP mode",
+    ),
     ("closed at once", b"", b"", "before the greeting"),
     ("short greeting", GREETING[:20], b"", "in the greeting"),
     ("huge greeting", Header(Cmd.OC_INIT, 1 << 30, 0).encode(), b"", "far too large"),
-    ("garbage greeting", Header(Cmd.OC_INIT, 8, 0).encode() + b"\xff" * 8, b"",
-     "malformed greeting"),
-    ("garbage answer", None,
-     Header(Cmd.RESP_OK, 12, 0).encode() + b"\x0a\x08\x00\x00" + b"\xee" * 8,
-     "malformed answer"),
+    (
+        "garbage greeting",
+        Header(Cmd.OC_INIT, 8, 0).encode() + b"\xff" * 8,
+        b"",
+        "malformed greeting",
+    ),
+    (
+        "garbage answer",
+        None,
+        Header(Cmd.RESP_OK, 12, 0).encode() + b"\x0a\x08\x00\x00" + b"\xee" * 8,
+        "malformed answer",
+    ),
     ("short answer", None, Header(Cmd.RESP_OK, 100, 0).encode() + b"\x0a", "was complete"),
     ("no SEXP", None, Header(Cmd.RESP_OK, 0, 0).encode(), "without an R value"),
     ("unexpected command", None, Header(0x12345, 0, 0).encode(), "unexpected message"),
@@ -621,8 +691,12 @@ async def test_fake_backend_oob_send_is_skipped(
     docroot: Path, start_forward: StartForward, fake_r: Callable[[Script], Awaitable[Path]]
 ) -> None:
     oob = rexp.sexp_param(S(["note"]))
-    reply = (Header(Cmd.OOB_SEND | 5, len(oob), 0).encode() + oob
-             + Header(Cmd.RESP_OK, len(HELLO), 0).encode() + HELLO)
+    reply = (
+        Header(Cmd.OOB_SEND | 5, len(oob), 0).encode()
+        + oob
+        + Header(Cmd.RESP_OK, len(HELLO), 0).encode()
+        + HELLO
+    )
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _answer_with(reply, reader, writer)
@@ -659,9 +733,19 @@ async def test_r_gets_what_the_c_forward_sends(
     """R receives the bytes the C program sends, plus forward's own header lines."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        str(C_FORWARD), "-p", str(port), "-r", str(docroot), "-R", str(rpages.socket),
-        "-s", str(tmp_path / "none.sock"), "-u", str(tmp_path / "no-ulog"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        str(C_FORWARD),
+        "-p",
+        str(port),
+        "-r",
+        str(docroot),
+        "-R",
+        str(rpages.socket),
+        "-s",
+        str(tmp_path / "none.sock"),
+        "-u",
+        str(tmp_path / "no-ulog"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         for _ in range(200):  # the C program has no readiness signal: poll its port
