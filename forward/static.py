@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class Refusal(Exception):
-    """A request answered with an HTTP error; `text` is the short body the client gets."""
+    """A request answered without a file or R: an HTTP error (or the directory redirect);
+    `text` is the short body the client gets. Converted to a response in one place
+    (dispatch.py)."""
 
     def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(text)
