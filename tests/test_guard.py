@@ -174,9 +174,11 @@ async def test_slowloris_connection_is_closed_while_others_are_served(
 
 async def test_oversized_header_is_refused(echo: FakeRserve, start_forward: StartForward) -> None:
     fwd = await start_forward(echo.path)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(fwd.http_url("/"), headers={"X-Big": "a" * 20000}) as r:
-            assert r.status in (400, 431)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(fwd.http_url("/"), headers={"X-Big": "a" * 20000}) as r,
+    ):
+        assert r.status in (400, 431)
     await works(fwd)
 
 
