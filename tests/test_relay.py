@@ -430,3 +430,48 @@ async def test_browser_gone_mid_message_ends_the_r_side(
             assert (await c2.response()).payload == b"still here"
     finally:
         await fake.stop()
+
+
+async def test_slow_browser_slows_r_instead_of_growing_memory(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    size = 256 * 2**20
+    block = os.urandom(2**20)
+    sent = [0]
+
+    async def big_answer(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: FakeRserve) -> None:
+        w.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+        await r.readexactly(16)
+        w.write(Header(Cmd.RESP_OK, size, 1).encode())
+        while sent[0] < size:
+            w.write(block)
+            await w.drain()
+            sent[0] += len(block)
+        await r.read()
+
+    fake = await FakeRserve(tmp_path / "big.sock", big_answer).start()
+    fwd = await start_forward(fake.path)
+    try:
+        c = await RClient.connect(fwd.url("ws"))
+        transport = c.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.pause_reading()  # the browser stops reading
+        await c.send(Cmd.EVAL, b"", msg_id=1)
+        (session,) = fwd.server.sessions
+        for _ in range(500):
+            if session._reading_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert session._reading_paused, "forward never paused reading from R"
+        before = sent[0]
+        for _ in range(20):  # R stays held back while the browser does not read
+            await asyncio.sleep(0.01)
+        assert sent[0] - before <= 8 * 2**20
+        assert sent[0] < 64 * 2**20, f"{sent[0]} bytes left R while the browser read nothing"
+        transport.resume_reading()
+        msg = await c.ws.receive()
+        assert msg.type is aiohttp.WSMsgType.BINARY and len(msg.data) == 16 + size
+        assert msg.data[16 : 16 + 2**20] == block and msg.data[-(2**20) :] == block
+        await c.close()
+    finally:
+        await fake.stop()
