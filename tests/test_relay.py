@@ -475,3 +475,34 @@ async def test_slow_browser_slows_r_instead_of_growing_memory(
         await c.close()
     finally:
         await fake.stop()
+
+
+@pytest.mark.rserve
+async def test_oob_answer_is_not_taken_for_a_pending_request(
+    fresh_rserve: type[Rserve], start_forward: StartForward
+) -> None:
+    """After an OOB_MSG round trip, R dying answers only the request really pending."""
+    r = fresh_rserve(ocap=True)  # type: ignore[call-arg]
+    fwd = await start_forward(r.socket)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        parse_eval = await ocap_login(c)
+        pid = int((await c.call(parse_eval, rexp.strings(["Sys.getpid()"]))).value[0])
+        code = "self.oobMessage('q'); Sys.sleep(60)"
+        await c.send(
+            Cmd.OC_CALL, rexp.sexp_param(rexp.call(parse_eval, rexp.strings([code]))), msg_id=41
+        )
+        ask = await c.receive()
+        assert ask.header.cmd & 0xFFFFF000 == Cmd.OOB_MSG
+        await c.send(
+            ask.header.cmd | Cmd.RESP_OK,
+            rexp.sexp_param(rexp.strings(["a"])),
+            msg_id=ask.header.msg_id,
+        )
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RError) as info:
+            await c.response()
+        assert (info.value.status, info.value.header.msg_id) == (0x42, 41)
+        await c.send(Cmd.OC_CALL, b"", msg_id=42)  # the next reply answers the next request
+        with pytest.raises(RError) as info:
+            await c.response()
+        assert info.value.header.msg_id == 42
