@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -222,8 +223,9 @@ class Server:
                 raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
             rules = parse_ip_rules(text, c.ip_rules)
         trusted = parse_networks(getattr(c, "trusted_proxy", ()))
+        capacity = session_capacity(c.max_sessions)
         return Guard(
-            GuardSettings(c.allow_origin, rules, trusted, c.max_sessions, c.max_sessions_per_client)
+            GuardSettings(c.allow_origin, rules, trusted, capacity, c.max_sessions_per_client)
         )
 
     async def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
@@ -304,6 +306,31 @@ class Server:
         runners, self.runners = self.runners, {}
         for old in reversed(runners.values()):
             await old.cleanup()
+
+
+# Descriptors a forward process holds besides its sessions: stdio, the event loop, listeners,
+# log sockets, files being served.
+FD_RESERVE = 24
+
+
+def session_capacity(max_sessions: int) -> int:
+    """`--max-sessions`, lowered to what the open-file limit allows (two descriptors a session).
+
+    Refusing a session with a reason beats running out of descriptors, where the event loop can
+    only drop new connections without a word."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_sessions
+    fit = max(1, (soft - FD_RESERVE) // 2)
+    if max_sessions == 0 or max_sessions > fit:
+        log.warning(
+            "the open-file limit (%d) leaves room for about %d sessions: sessions are capped "
+            "there (raise the limit, e.g. LimitNOFILE= or ulimit -n, for more)",
+            soft,
+            fit,
+        )
+        return fit
+    return max_sessions
 
 
 def bind_listeners(

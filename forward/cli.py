@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -197,6 +198,15 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+def raise_file_limit() -> None:
+    """Use the hard open-file limit: every session holds two descriptors, and the usual soft
+    limit of 1024 would cap a server at a few hundred sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, ns = _parse(argv)
@@ -207,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forward: configuration OK{f' ({ns.config_file})' if ns.config_file else ''}")
         return 0
     setup_logging(config)
+    raise_file_limit()
     try:
         if config.workers > 1:
             from .workers import supervise

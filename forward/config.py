@@ -109,7 +109,8 @@ class Config:
         256 * 1024 * 1024,
         "--max-message-size",
         metavar="BYTES",
-        help="largest QAP message a browser may send to R (default 256 MiB; 0: no limit)",
+        help="largest QAP message a browser may send to R, and largest answer R may give to a "
+        ".R request (default 256 MiB; 0: no limit)",
     )
     max_result_size: int = _opt(
         0,

@@ -112,6 +112,8 @@ def _in(address: str, networks: Sequence[Network]) -> bool:
         addr = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack listener shows IPv4 peers as ::ffff:a.b.c.d
     return any(addr.version == n.version and addr in n for n in networks)
 
 
@@ -192,7 +194,7 @@ class Guard:
     def admit(self, client: str) -> None:
         s = self.settings
         if s.max_sessions and self.open >= s.max_sessions:
-            raise Refused(503, f"too many sessions ({self.open} open)")
+            raise Refused(503, f"server at capacity ({self.open} sessions open)")
         if s.max_sessions_per_client and self.by_client[client] >= s.max_sessions_per_client:
             raise Refused(503, f"too many sessions from {client}")
         self.open += 1

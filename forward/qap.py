@@ -151,8 +151,9 @@ class Greeting:
 
 
 def is_response(cmd: int) -> bool:
-    """A reply to a request (RESP_OK/RESP_ERR, with or without an error code in the top byte)."""
-    return (cmd & 0x00FF0000) == CMD_RESP
+    """A reply, not a request: RESP_OK/RESP_ERR from R (an error code may sit in the top byte),
+    or the browser's answer to an OOB_MSG (its cmd with RESP_OK or RESP_ERR added)."""
+    return bool(cmd & CMD_RESP)
 
 
 def conn_broken(msg_id: int) -> bytes:

@@ -167,6 +167,7 @@ class Session:
         self._last_activity = loop.time()
         if settings.heartbeat > 0:
             self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
+        self._timers.append(loop.call_later(settings.backend_timeout, self._check_greeting))
         if settings.idle_timeout > 0:
             self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
         if settings.max_lifetime > 0:
@@ -232,6 +233,13 @@ class Session:
         )
 
     # -- browser -> Rserve -------------------------------------------------------------------
+
+    def _check_greeting(self) -> None:
+        if self._server.mode is None and self._backend_alive:
+            why = f"Rserve sent no greeting within {self._settings.backend_timeout:g} s"
+            log.warning("session %d from %s: %s", self.id, self.label, why)
+            self._lose_backend()
+            self.close(1011, why)
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()

@@ -177,3 +177,78 @@ async def test_serves_then_exits_zero_on_signal(rserve_qap: Rserve, sig: signal.
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -> None:
+    """Few file descriptors: sessions past what fits are refused with a reason (1013) instead of
+    being dropped by an event loop out of descriptors; open ones go on, and it recovers."""
+    import asyncio
+    import resource
+
+    from forward.qap import Cmd
+
+    from .fakes import FakeRserve
+
+    fake = await FakeRserve(tmp_path / "echo.sock", record=False).start()
+    port = free_port()
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "forward",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-s",
+        str(fake.path),
+        "--max-sessions-per-client",
+        "0",
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=low_limit,
+    )
+    clients: list[RClient] = []
+    try:
+        assert proc.stderr is not None
+        startup = b""
+        while b"listening on" not in startup:
+            startup += await proc.stderr.readline()
+        log_task = asyncio.create_task(proc.stderr.read())  # keep the pipe drained
+        url = f"ws://127.0.0.1:{port}/"
+        failures = 0
+        for _ in range(40):  # 2 descriptors per session: the limit is hit well before 40
+            try:
+                c = await asyncio.wait_for(RClient.connect(url), 10)
+            except ConnectionError as exc:
+                assert "1013" in str(exc) and "server at capacity" in str(exc)
+                failures += 1
+                continue
+            clients.append(c)
+        assert (failures, len(clients)) == (40 - 12, 12)
+        for i, c in enumerate(clients):  # every open session still works
+            await c.send(Cmd.EVAL, b"alive", msg_id=i)
+            assert (await c.response()).payload == b"alive"
+        for c in clients:
+            await c.close()
+        clients.clear()
+        async with await RClient.connect(url) as c:  # and it recovers
+            await c.send(Cmd.EVAL, b"again", msg_id=1)
+            assert (await c.response()).payload == b"again"
+        assert proc.returncode is None
+        proc.terminate()
+        log = (startup + await log_task).decode()
+        assert "the open-file limit (48) leaves room for about 12 sessions" in log
+        assert "refused WebSocket from 127.0.0.1 on http: server at capacity" in log
+        assert "Traceback" not in log
+    finally:
+        for c in clients:
+            await c.close()
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+        await fake.stop()

@@ -86,6 +86,7 @@ def test_client_address_believes_only_trusted_proxies() -> None:
     assert client_address("10.0.0.2", "6.6.6.6, 5.5.5.5, 10.0.0.9", trusted) == "5.5.5.5"
     assert client_address("10.0.0.2", None, trusted) == "10.0.0.2"
     assert client_address("10.0.0.2", "5.5.5.5", ()) == "10.0.0.2"
+    assert client_address("::ffff:10.0.0.2", "5.5.5.5", trusted) == "5.5.5.5"
 
 
 # -- on a running server ------------------------------------------------------------------------
@@ -174,9 +175,11 @@ async def test_slowloris_connection_is_closed_while_others_are_served(
 
 async def test_oversized_header_is_refused(echo: FakeRserve, start_forward: StartForward) -> None:
     fwd = await start_forward(echo.path)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(fwd.http_url("/"), headers={"X-Big": "a" * 20000}) as r:
-            assert r.status in (400, 431)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(fwd.http_url("/"), headers={"X-Big": "a" * 20000}) as r,
+    ):
+        assert r.status in (400, 431)
     await works(fwd)
 
 

@@ -73,7 +73,7 @@ def test_conn_broken_and_shutdown_notice() -> None:
         (0x21000, False),
         (0x22000, False),
         (0x003, False),
-        (0x22001 | 0x10000, False),
+        (0x22001 | 0x10001, True),  # the browser answering an OOB_MSG
     ],
 )
 def test_is_response(cmd: int, expected: bool) -> None:
