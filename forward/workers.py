@@ -86,6 +86,9 @@ class Supervisor:
         self.delay: dict[int, float] = {}  # row -> next restart delay
         self.ready_rows: set[int] = set()
         self.ready_r, self.ready_w = os.pipe()
+        # Only the parent keeps the write end: when it dies, however it dies, the workers read
+        # EOF and shut down instead of serving on unsupervised.
+        self.life_r, self.life_w = os.pipe()
         self.stopping = False
 
     async def run(self) -> int:
@@ -123,8 +126,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(self.ready_r)
-            os.close(self.ready_r)
-            os.close(self.ready_w)
+            for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
+                os.close(fd)
             if manager is not None:
                 await manager.delete()
             unlink_unix(self.config)
@@ -156,6 +159,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.close(self.ready_r)
+        os.close(self.life_w)
         mine = self.rows[row]
         keep = {id(s) for socks in mine.values() for s in socks}
         for other in self.rows:
@@ -178,7 +182,13 @@ class Supervisor:
             waiter.cancel()
             if ready.is_set():
                 os.write(self.ready_w, bytes([row % 256]))
+                asyncio.get_running_loop().add_reader(self.life_r, orphaned)
             await task
+
+        def orphaned() -> None:
+            asyncio.get_running_loop().remove_reader(self.life_r)
+            log.warning("worker %d: the parent has gone; shutting down", row)
+            os.kill(os.getpid(), signal.SIGTERM)
 
         try:
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -36,7 +36,15 @@ def children(pid: int) -> set[int]:
 
 
 def all_gone(pids: set[int]) -> bool:
-    return not any(Path(f"/proc/{p}").exists() for p in pids)
+    """No process left running (an exited one that nobody reaped yet is a zombie: gone)."""
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            return False
+    return True
 
 
 async def per_worker(admin: int) -> dict[str, float]:
@@ -109,3 +117,31 @@ async def test_two_workers_share_the_port_and_survive_a_kill(
                 proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+async def test_workers_stop_when_the_parent_is_killed(rserve_qap: Rserve, tmp_path: Path) -> None:
+    port = free_port()
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify_path))
+        ns.settimeout(30)
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "forward", "--workers", "2", "-b", "127.0.0.1",
+             "-p", str(port), "-s", str(rserve_qap.socket), "-u", ""],
+            cwd=ROOT, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
+        )
+        try:
+            assert ns.recv(4096).startswith(b"READY=1")
+            workers = children(proc.pid)
+            assert len(workers) == 2
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 30
+            while not all_gone(workers):
+                assert time.monotonic() < deadline, "workers outlived their parent"
+                await asyncio.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
