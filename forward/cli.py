@@ -207,6 +207,12 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def check_files(config: Config) -> None:
+    """What start-up would load besides binding: the document root and the IP rules file."""
+    make_http_handler(config)
+    Server(config).guard()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, ns = _parse(argv)
@@ -214,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forward: {exc}", file=sys.stderr)
         return 2
     if ns.check_config:
+        try:
+            check_files(config)
+        except ConfigError as exc:
+            print(f"forward: {exc}", file=sys.stderr)
+            return 2
         print(f"forward: configuration OK{f' ({ns.config_file})' if ns.config_file else ''}")
         return 0
     setup_logging(config)

@@ -19,7 +19,7 @@ FULL = """
 http-port = 8080
 ws-port = 8081
 socket = "/run/rserve/qap.sock"
-doc-root = "/srv/www"
+doc-root = "."
 bind = ["127.0.0.1", "::1"]
 heartbeat = 300
 ulog = "udp://127.0.0.1:1514"
@@ -36,7 +36,7 @@ def test_every_key_form_and_type() -> None:
     values = configfile.parse(FULL)
     c = Config(**values).validate()
     assert (c.http_port, c.ws_port, c.socket, c.doc_root) == (8080, 8081, "/run/rserve/qap.sock",
-                                                              "/srv/www")
+                                                              ".")
     assert c.bind == ("127.0.0.1", "::1") and c.trusted_proxy == ("10.0.0.0/8",)
     assert (c.heartbeat, c.workers, c.admin_port, c.log_level) == (300.0, 4, 9100, "warning")
     assert configfile.parse("http_port = 1") == {"http_port": 1}  # field names work too
@@ -97,3 +97,5 @@ def test_check_config_accepts_and_rejects(tmp_path: Path) -> None:
     assert out.returncode == 2 and "cannot read the configuration file" in out.stderr
     out = run("--check-config", "-S", "host:0")
     assert out.returncode == 2 and "-S host:0" in out.stderr
+    out = run("--check-config", "-r", str(tmp_path / "no-such-dir"))
+    assert out.returncode == 2 and "not a directory" in out.stderr
