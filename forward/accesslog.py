@@ -36,6 +36,7 @@ class AccessLogger(AbstractAccessLogger):
             guard = app.get(GUARD)
             if guard is not None:
                 client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+        client = client or "-"  # a unix-socket peer has no address
         if not self.logger.isEnabledFor(logging.INFO):
             return
         self.logger.info(

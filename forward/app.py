@@ -259,7 +259,8 @@ class Server:
                     header_timeout=c.header_timeout,
                     keepalive_timeout=c.keepalive_timeout,
                     access_log_class=accesslog.AccessLogger,
-                    access_log=accesslog.log,
+                    # Health checks and scrapes every few seconds would drown the access log.
+                    access_log=accesslog.log if name != "admin" else None,
                     shutdown_timeout=c.shutdown_timeout,
                 )
                 await runner.setup()
