@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.workers > 1:
             from .workers import supervise
 
+            check_files(config)  # in the parent, so that a bad -r fails once, not per worker
             return supervise(config)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(config))

@@ -90,6 +90,7 @@ class Supervisor:
         # EOF and shut down instead of serving on unsupervised.
         self.life_r, self.life_w = os.pipe()
         self.stopping = False
+        self.failed = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -132,7 +133,7 @@ class Supervisor:
                 await manager.delete()
             unlink_unix(self.config)
             pid_file.remove()
-        return 0
+        return 1 if self.failed else 0
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -224,6 +225,14 @@ class Supervisor:
             how = f"signal {-code}" if code < 0 else f"status {code}"
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %s", row, pid, how)
+                continue
+            if not self._all_ready.is_set() and row not in self.ready_rows:
+                # A worker that cannot even start (a file it needs, a bad setting) would only
+                # fail again: give up, as a single forward would.
+                log.error("worker %d (pid %d) exited with %s before serving; stopping",
+                          row, pid, how)
+                self.failed = True
+                self._stop.set()
                 continue
             lived = time.monotonic() - self.started.get(row, 0.0)
             delay = 0.0

@@ -145,3 +145,16 @@ async def test_workers_stop_when_the_parent_is_killed(rserve_qap: Rserve, tmp_pa
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_worker_that_cannot_start_stops_the_whole(tmp_path: Path) -> None:
+    # The Rserve socket path is fine, but the unix listener's directory does not exist: the
+    # parent cannot bind and says so once, before any worker starts.
+    out = subprocess.run(
+        [sys.executable, "-m", "forward", "--workers", "2", "-p", "-1", "-u", "",
+         "--listen-unix", str(tmp_path / "no" / "such" / "dir.sock")],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("forward: cannot listen on ")
