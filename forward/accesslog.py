@@ -3,8 +3,8 @@
 One line per HTTP request on the logger `forward.access` (the WebSocket upgrade included: status
 101, logged when the session ends; the relay logs its own line with the session's figures):
 client, method, path, status, response size, time. The client is the guard's answer: the peer,
-or, when the peer is a `--trusted-proxy`, the address it forwarded (`X-Forwarded-For`); a header
-from any other peer is ignored, since anyone can send one.
+or, when the peer is a `--trusted-proxy`, the address it forwarded (`X-Forwarded-For`, else
+`X-Real-IP`); a header from any other peer is ignored, since anyone can send one.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ class AccessLogger(AbstractAccessLogger):
                 row.http(response.status)
             guard = app.get(GUARD)
             if guard is not None:
-                client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+                headers = request.headers
+                client = guard.client(
+                    request.remote, headers.get("X-Forwarded-For"), headers.get("X-Real-IP")
+                )
         client = client or "-"  # a unix-socket peer has no address
         if not self.logger.isEnabledFor(logging.INFO):
             return

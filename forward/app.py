@@ -80,7 +80,9 @@ def is_upgrade(request: web.Request) -> bool:
 async def websocket_session(request: web.Request) -> web.StreamResponse:
     app = request.app
     guard = app[GUARD]
-    client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+    client = guard.client(
+        request.remote, request.headers.get("X-Forwarded-For"), request.headers.get("X-Real-IP")
+    )
     trusted_proxy = client != request.remote
     host = request.headers.get("X-Forwarded-Host") if trusted_proxy else None
     scheme = (request.headers.get("X-Forwarded-Proto") if trusted_proxy else None) or (
@@ -124,7 +126,9 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
 @web.middleware
 async def ip_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
     guard = request.app[GUARD]
-    client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+    client = guard.client(
+        request.remote, request.headers.get("X-Forwarded-For"), request.headers.get("X-Real-IP")
+    )
     try:
         guard.check_address(client)
     except Refused as refused:

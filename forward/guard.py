@@ -94,17 +94,34 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
 
 
-def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+def client_address(
+    peer: str | None,
+    forwarded_for: str | None,
+    trusted: Sequence[Network],
+    real_ip: str | None = None,
+) -> str:
     """The calling client's address: the peer, or, when the peer is a trusted proxy, the last
-    X-Forwarded-For entry that is not itself a trusted proxy."""
+    X-Forwarded-For entry that is not itself a trusted proxy (or, without X-Forwarded-For, the
+    proxy's X-Real-IP)."""
     if peer is None:
         return "-"
-    if not trusted or not forwarded_for or not _in(peer, trusted):
+    if not trusted or not _in(peer, trusted):
         return peer
+    if not forwarded_for:
+        real = (real_ip or "").strip()
+        return real if real and _valid(real) else peer
     for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
         if hop and not _in(hop, trusted):
             return hop
     return peer
+
+
+def _valid(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _in(address: str, networks: Sequence[Network]) -> bool:
@@ -180,8 +197,10 @@ class Guard:
         self.open = 0
         self.by_client: Counter[str] = Counter()
 
-    def client(self, peer: str | None, forwarded_for: str | None) -> str:
-        return client_address(peer, forwarded_for, self.settings.trusted)
+    def client(
+        self, peer: str | None, forwarded_for: str | None, real_ip: str | None = None
+    ) -> str:
+        return client_address(peer, forwarded_for, self.settings.trusted, real_ip)
 
     def check_address(self, client: str) -> None:
         if not ip_allowed(self.settings.ip_rules, client):

@@ -89,6 +89,14 @@ def test_client_address_believes_only_trusted_proxies() -> None:
     assert client_address("::ffff:10.0.0.2", "5.5.5.5", trusted) == "5.5.5.5"
 
 
+def test_x_real_ip_is_believed_only_from_trusted_proxies() -> None:
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address("10.0.0.2", None, trusted, "5.5.5.5") == "5.5.5.5"
+    assert client_address("1.2.3.4", None, trusted, "6.6.6.6") == "1.2.3.4"  # forged: ignored
+    assert client_address("10.0.0.2", "7.7.7.7", trusted, "5.5.5.5") == "7.7.7.7"  # XFF first
+    assert client_address("10.0.0.2", None, trusted, "not an address") == "10.0.0.2"
+
+
 # -- on a running server ------------------------------------------------------------------------
 
 

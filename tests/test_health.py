@@ -138,10 +138,12 @@ async def test_access_log_line_and_trusted_proxy(
     untrusted = await with_admin(rserve_qap.socket)
     await get(untrusted.url("http", "/c"), headers={"X-Forwarded-For": "203.0.113.9"})
     await get(untrusted.url("admin", "/livez"))  # probes stay out of the access log
+    await get(fwd.url("http", "/d"), headers={"X-Real-IP": "198.51.100.7"})
     lines = [r.getMessage() for r in caplog.records if r.name == "forward.access"]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith('203.0.113.9 "GET /a?b=1 HTTP/1.1" 404 ')
     assert lines[1].startswith('127.0.0.1 "GET /c HTTP/1.1" 404 ')
+    assert lines[2].startswith('198.51.100.7 "GET /d HTTP/1.1" 404 ')
 
 
 async def test_tls_handshake_failures_are_counted(
