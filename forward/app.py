@@ -38,6 +38,7 @@ from .stats import Stats
 
 log = logging.getLogger(__name__)
 
+
 class Sessions(weakref.WeakSet[Session]):
     """The open sessions; `emptied()` lets a graceful drain wait for the last one to end."""
 

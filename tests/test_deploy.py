@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -24,7 +25,9 @@ import pytest
 import trustme
 import yaml
 
-from forward.stats import Stat
+from forward.app import Server, bind_unix
+from forward.config import Config
+from forward.stats import Stat, Stats
 
 from .conftest import IN_CI, Rserve, StartForward
 from .rclient import RClient
@@ -281,3 +284,29 @@ def test_compose_and_kubernetes_share_the_socket_volume() -> None:
     ]
     forward = next(c for c in pod["containers"] if c["name"] == "forward")
     assert forward["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.rserve
+async def test_nginx_to_forward_over_a_unix_socket(rserve_qap: Rserve, tmp_path: Path) -> None:
+    need(NGINX, "nginx (nginx-light)")
+    path = tmp_path / "forward.sock"
+    config = replace(Config(), socket=str(rserve_qap.socket), http_port=-1, ws_port=-1,
+                     listen_unix=str(path), trusted_proxy=("127.0.0.1",)).validate()
+    server = Server(config, stats=Stats())
+    await server.start({"http": [bind_unix(str(path))]})
+    try:
+        port = free_port()
+        # The shipped proxy settings (the location block and the Connection map), with the
+        # upstream on forward's unix socket.
+        shipped = (DEPLOY / "nginx" / "forward.conf").read_text()
+        location = re.search(r"    location / \{.*?\n    \}\n", shipped, re.S)
+        upgrade_map = re.search(r"map \$http_upgrade.*?\n\}\n", shipped, re.S)
+        assert location and upgrade_map
+        site = (f"upstream forward {{ server unix:{path}; }}\n{upgrade_map[0]}"
+                f"server {{\n    listen 127.0.0.1:{port};\n{location[0]}}}\n")
+        with nginx(tmp_path / "nginx", site, port):
+            async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
+                assert (await c.eval("5 * 5")).value == [25.0]
+                assert server.stats.total(Stat.SESSIONS_OPEN) == 1
+    finally:
+        await server.stop()
