@@ -531,7 +531,7 @@ async def test_slow_r_slows_the_browser_instead_of_growing_memory(
         (session,) = fwd.server.sessions
         backend = session._backend
         assert backend is not None
-        for _ in range(500):  # noqa: B007
+        for _ in range(500):
             if backend._drained is not None:  # forward waits for R's socket to drain
                 break
             await asyncio.sleep(0.01)
