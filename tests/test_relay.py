@@ -506,3 +506,52 @@ async def test_oob_answer_is_not_taken_for_a_pending_request(
         with pytest.raises(RError) as info:
             await c.response()
         assert info.value.header.msg_id == 42
+
+
+async def test_slow_r_slows_the_browser_instead_of_growing_memory(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    go = asyncio.Event()
+    received = bytearray()
+
+    async def slow_reader(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: FakeRserve) -> None:
+        w.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+        await w.drain()
+        await go.wait()  # R is busy: it reads nothing for now
+        while data := await r.read(2**20):
+            received.extend(data)
+
+    fake = await FakeRserve(tmp_path / "slow.sock", slow_reader).start()
+    fwd = await start_forward(fake.path)
+    try:
+        c = await RClient.connect(fwd.url("ws"))
+        block = os.urandom(2**20)
+        messages = [Header(Cmd.EVAL, len(block), i).encode() + block for i in range(200)]
+        sending = asyncio.create_task(_send_all(c, messages))
+        (session,) = fwd.server.sessions
+        backend = session._backend
+        assert backend is not None
+        for _ in range(500):
+            if backend._drained is not None:  # forward waits for R's socket to drain
+                break
+            await asyncio.sleep(0.01)
+        assert backend._drained is not None, "forward never waited for R"
+        assert backend.transport is not None
+        buffered = backend.transport.get_write_buffer_size()
+        assert buffered < 16 * 2**20, f"{buffered} bytes held for a slow R"
+        assert not sending.done()  # and the browser is held back in turn
+        go.set()
+        await sending
+        for _ in range(1000):
+            if len(received) == 200 * (2**20 + 16):
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(received) == b"".join(messages)
+        await c.close()
+    finally:
+        await fake.stop()
+
+
+async def _send_all(c: RClient, messages: list[bytes]) -> None:
+    for m in messages:
+        await c.ws.send_bytes(m)
