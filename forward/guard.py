@@ -102,11 +102,17 @@ def client_address(
 ) -> str:
     """The calling client's address: the peer, or, when the peer is a trusted proxy, the last
     X-Forwarded-For entry that is not itself a trusted proxy (or, without X-Forwarded-For, the
-    proxy's X-Real-IP)."""
+    proxy's X-Real-IP).
+
+    A peer on the unix-socket listener has no address; only a local process allowed to open
+    that socket (mode 0660: nginx, a sidecar) can be one, so it is trusted like a listed proxy.
+    """
     if peer is None:
         return "-"
-    if not trusted or not _in(peer, trusted):
+    local = peer == ""
+    if not local and (not trusted or not _in(peer, trusted)):
         return peer
+    peer = peer or "unix"
     if not forwarded_for:
         real = (real_ip or "").strip()
         return real if real and _valid(real) else peer
