@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import socket
 import ssl
 import subprocess
@@ -54,23 +55,25 @@ PSS_TARGET_KB = 12.0
 class Load:
     rtt_calls: int = 5000
     bulk_size: int = 16 * 1024 * 1024
-    bulk_count: int = 16
-    bulk_seconds: float = 3.0
+    bulk_count: int = 8
+    bulk_seconds: float = 2.0
     parallel_sessions: int = 32
     parallel_procs: int = 2
-    parallel_seconds: float = 5.0
+    parallel_seconds: float = 3.0
     sessions: int = 5000
     sessions_websockify: int = 500
     session_procs: int = 2
-    static_seconds: float = 5.0
+    static_seconds: float = 3.0
     wrk_connections: int = 16
     echo_workers: int = 2
+    rounds: int = 3
+    session_rounds: int = 1
 
 
 QUICK = Load(
     rtt_calls=50, bulk_size=256 * 1024, bulk_count=2, bulk_seconds=0, parallel_sessions=4,
     parallel_seconds=0.3, sessions=20, sessions_websockify=10, static_seconds=1,
-    wrk_connections=2,
+    wrk_connections=2, rounds=1,
 )
 
 
@@ -329,69 +332,102 @@ def relay_command(name: str, port: int, env: Env, tls: bool) -> tuple[list[str],
     return cmd, {"cwd": str(env.work)}
 
 
-def measure_relay(name: str, env: Env, tls: bool, load: Load) -> dict[str, Any]:
-    result: dict[str, Any] = {"notes": {}}
-    port = free_port()
+@dataclass
+class Running:
+    name: str
+    port: int
+    proc: Proc | None = None
+    result: dict[str, Any] = field(default_factory=lambda: {"notes": {}, "samples": {}})
+
+    def note(self, step: str, text: str) -> None:
+        self.result["notes"][step] = text
+
+    def sample(self, key: str, value: float) -> None:
+        self.result["samples"].setdefault(key, []).append(value)
+
+
+def start_relay(name: str, env: Env, tls: bool) -> Running:
+    run = Running(name, free_port())
     try:
-        cmd, kw = relay_command(name, port, env, tls)
-    except NotAvailable as exc:
-        result["unavailable"] = str(exc)
-        return result
-    proc = start(f"{name}-{'tls' if tls else 'plain'}", cmd, env.work, **kw)
-    try:
-        wait_until(lambda: connectable(port), proc, f"port {port}")
+        cmd, kw = relay_command(name, run.port, env, tls)
+        run.proc = start(f"{name}-{'tls' if tls else 'plain'}", cmd, env.work, **kw)
+        wait_until(lambda: connectable(run.port), run.proc, f"port {run.port}")
         if tls:
             assert env.client_ctx is not None
             try:
-                tls_handshake(port, env.client_ctx)
+                tls_handshake(run.port, env.client_ctx)
             except (OSError, ssl.SSLError) as exc:
                 raise NotAvailable(f"no TLS on the port ({type(exc).__name__}: {exc})") from exc
-        ca = env.ca if tls else None
-        steps = [
-            ("rtt", lambda: client("latency", port, ca, "--calls", str(load.rtt_calls),
-                                   "--size", "64")),
-            ("bulk", lambda: client("bulk", port, ca, "--size", str(load.bulk_size),
-                                    "--count", str(load.bulk_count),
-                                    "--seconds", str(load.bulk_seconds),
-                                    "--stall", "10" if load.bulk_seconds == 0 else "30")),
-            ("parallel", lambda: clients(
-                "parallel", port, ca, load.parallel_procs,
-                "--sessions", str(max(1, load.parallel_sessions // load.parallel_procs)),
-                "--size", "1024", "--seconds", str(load.parallel_seconds))),
-            ("sessions", lambda: many_sessions(
-                port, ca, proc.popen.pid,
-                load.sessions_websockify if name == "websockify" else load.sessions,
-                load.session_procs)),
-        ]
-        if name in ("forward", "c-forward"):
-            steps.append(("static", lambda: static(port, env.client_ctx if tls else None, load)))
-        for step, run in steps:
-            if not proc.alive():
-                result["notes"][step] = f"relay exited: {proc.log_tail()}"
-                continue
-            print(f"  {name:10} {'wss' if tls else 'ws ':3} {step} ...", flush=True)
-            try:
-                out = run()
-            except (NotAvailable, subprocess.TimeoutExpired) as exc:
-                result["notes"][step] = str(exc)
-                continue
-            if step == "rtt":
-                result["rtt_p50_us"], result["rtt_p99_us"] = out["p50_us"], out["p99_us"]
-            elif step == "bulk":
-                result["bulk_mb_s"] = out["mb_per_s"]
-            elif step == "parallel":
-                result["parallel_msg_s"] = sum(o["msg_per_s"] for o in out)
-            elif step == "sessions":
-                result.update(sessions_per_s=out["sessions_per_s"],
-                              pss_kb_per_session=out["pss_kb_per_session"])
-                result["sessions_detail"] = out
-            else:
-                result.update(out)
     except NotAvailable as exc:
-        result["unavailable"] = str(exc)
+        run.result["unavailable"] = str(exc)
+        if run.proc is not None:
+            run.proc.stop()
+        run.proc = None
+    return run
+
+
+def step_runner(step: str, run: Running, env: Env, tls: bool, load: Load) -> Any:
+    port, ca = run.port, env.ca if tls else None
+    if step == "rtt":
+        out = client("latency", port, ca, "--calls", str(load.rtt_calls), "--size", "64")
+        run.sample("rtt_p50_us", out["p50_us"])
+        run.sample("rtt_p99_us", out["p99_us"])
+    elif step == "bulk":
+        out = client("bulk", port, ca, "--size", str(load.bulk_size),
+                     "--count", str(load.bulk_count), "--seconds", str(load.bulk_seconds),
+                     "--stall", "10" if load.bulk_seconds == 0 else "30")
+        run.sample("bulk_mb_s", out["mb_per_s"])
+    elif step == "parallel":
+        outs = clients("parallel", port, ca, load.parallel_procs,
+                       "--sessions", str(max(1, load.parallel_sessions // load.parallel_procs)),
+                       "--size", "1024", "--seconds", str(load.parallel_seconds))
+        run.sample("parallel_msg_s", sum(o["msg_per_s"] for o in outs))
+    elif step == "static":
+        run.sample("static_req_s", static(port, env.client_ctx if tls else None, load)
+                   ["static_req_s"])
+    elif step == "sessions":
+        assert run.proc is not None
+        n = load.sessions_websockify if run.name == "websockify" else load.sessions
+        out = many_sessions(port, ca, run.proc.popen.pid, n, load.session_procs)
+        run.sample("sessions_per_s", out["sessions_per_s"])
+        run.sample("pss_kb_per_session", out["pss_kb_per_session"])
+        run.result.setdefault("sessions_detail", []).append(out)
+
+
+def measure(relays: list[str], env: Env, tls: bool, load: Load) -> dict[str, dict[str, Any]]:
+    """All relays run side by side; each round measures every relay in turn, step by step,
+    starting with a different relay each round, so that whatever else the machine is doing is
+    spread over all of them. A figure is the median of its rounds."""
+    running = [start_relay(name, env, tls) for name in relays]
+    try:
+        steps = ["rtt", "bulk", "parallel", "static"]
+        for rnd in range(load.rounds):
+            order = running[rnd % len(running):] + running[: rnd % len(running)]
+            for step in steps + (["sessions"] if rnd < load.session_rounds else []):
+                for run in order:
+                    if run.proc is None or step in run.result["notes"]:
+                        continue
+                    if step == "static" and run.name not in ("forward", "c-forward"):
+                        continue
+                    if not run.proc.alive():
+                        run.note(step, f"relay exited: {run.proc.log_tail()}")
+                        continue
+                    print(f"  round {rnd + 1}: {run.name:10} {'wss' if tls else 'ws ':3} "
+                          f"{step}", flush=True)
+                    try:
+                        step_runner(step, run, env, tls, load)
+                    except (NotAvailable, subprocess.TimeoutExpired) as exc:
+                        run.note(step, str(exc))
     finally:
-        proc.stop()
-    return result
+        for run in running:
+            if run.proc is not None:
+                run.proc.stop()
+    out = {}
+    for run in running:
+        for key, values in run.result["samples"].items():
+            run.result[key] = statistics.median(values)
+        out[run.name] = run.result
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -432,7 +468,10 @@ def fmt(value: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Benchmark results ({report['when']})", "", f"Machine: {report['machine']}", "",
-             f"Load: {report['load_text']}", ""]
+             f"Load: {report['load_text']}", "",
+             "Load average of the machine (1, 5, 15 min) before: "
+             + ", ".join(f"{x:.1f}" for x in report["loadavg_before"]) + "; after: "
+             + ", ".join(f"{x:.1f}" for x in report["loadavg_after"]), ""]
     for scheme in SCHEMES:
         data = report["schemes"].get(scheme)
         if not data:
@@ -459,6 +498,15 @@ def markdown(report: dict[str, Any]) -> str:
                  for step, text in res.get(relay, {}).get("notes", {}).items()]
         notes += [(relay, "all", res[relay]["unavailable"]) for relay in RELAYS
                   if res.get(relay, {}).get("unavailable")]
+        spread = []
+        for relay in RELAYS:
+            for key, values in res.get(relay, {}).get("samples", {}).items():
+                if len(values) > 1:
+                    spread.append(f"{relay} {key}: " + ", ".join(fmt(v) for v in values))
+        if spread:
+            lines += ["<details><summary>all rounds</summary>", ""]
+            lines += [f"- {line}" for line in spread]
+            lines += ["", "</details>", ""]
         if notes:
             lines += ["Not measured:", ""]
             lines += [f"- {relay}, {step}: {text}" for relay, step, text in notes]
@@ -585,8 +633,10 @@ def main(argv: list[str] | None = None) -> int:
             f"({load.parallel_procs} client processes); {load.sessions} idle sessions "
             f"({load.sessions_websockify} for websockify, which forks per session); wrk -c"
             f"{load.wrk_connections} for {load.static_seconds} s; echo backend with "
-            f"{load.echo_workers} processes"
+            f"{load.echo_workers} processes. Each figure is the median of {load.rounds} "
+            f"interleaved rounds (sessions: {load.session_rounds})"
         ),
+        "loadavg_before": os.getloadavg(),
         "schemes": {},
     }
     echo = start("echo", [sys.executable, str(BENCH / "servers.py"), "echo", "--socket",
@@ -607,10 +657,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["schemes"][scheme] = {"results": {r: {"unavailable": str(exc)}
                                                              for r in relays}}
                     continue
-            results = {}
-            for relay in relays:
-                print(f"{relay} over {scheme}", flush=True)
-                results[relay] = measure_relay(relay, env, tls, load)
+            print(f"{scheme}: {', '.join(relays)}", flush=True)
+            results = measure(relays, env, tls, load)
             rat = ratios(results)
             report["schemes"][scheme] = {"results": results, "ratios": rat,
                                          "verdicts": verdicts(results, rat)}
@@ -618,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         echo.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    report["loadavg_after"] = os.getloadavg()
     for scheme, data in report["schemes"].items():
         data.setdefault("ratios", {})
         data.setdefault("verdicts", {k: "n/a" for k in FIGURES})
@@ -628,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = chart(report, args.out / "ratios.png")
     if problem:
         print(problem)
+    print("load average before %.1f %.1f %.1f, after %.1f %.1f %.1f"
+          % (*report["loadavg_before"], *report["loadavg_after"]))
     print(f"\nwritten: {args.out}/results.json, results.md" + ("" if problem else ", ratios.png"))
     return 0
 
