@@ -27,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from wsproto import FrameCounter, check_response, echo_request, handshake  # noqa: E402
+from wsproto import FrameCounter, check_response, echo_request, handshake
 
 HOST = "127.0.0.1"  # the load never leaves loopback, whatever the relay binds
 
@@ -45,7 +45,7 @@ def blocking_session(port: int, ctx: ssl.SSLContext | None) -> tuple[socket.sock
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ctx is not None:
         sock = ctx.wrap_socket(sock, server_hostname=HOST)
-    sock.sendall(handshake(HOST, port))
+    sock.sendall(handshake(HOST, port, ctx is not None))
     raw = b""
     while b"\r\n\r\n" not in raw:
         chunk = sock.recv(65536)
@@ -58,7 +58,7 @@ def blocking_session(port: int, ctx: ssl.SSLContext | None) -> tuple[socket.sock
     got = counter.feed(rest)
     while got < 32:
         chunk = sock.recv(65536)
-        if not chunk:
+        if not chunk or counter.closed:
             raise ConnectionError("closed before the greeting")
         got += counter.feed(chunk)
     return sock, counter
@@ -81,6 +81,8 @@ def latency(port: int, ctx: ssl.SSLContext | None, calls: int, size: int) -> dic
             if not n:
                 raise ConnectionError("relay closed the session")
             got += counter.feed(view[:n])
+            if counter.closed:
+                raise ConnectionError("relay closed the session")
         if i >= warmup:
             times.append(clock() - t0)
     sock.close()
@@ -132,6 +134,9 @@ class Client(asyncio.BufferedProtocol):
             data = memoryview(bytes(self._hs[end + 4 :]))
             self._hs = None
         self.received += self._counter.feed(data)
+        if self._counter.closed:
+            self._fail(ConnectionError("relay closed the session (close frame)"))
+            return
         waiter = self._waiter
         if waiter is not None and self.received >= self._target:
             self._waiter = None
@@ -181,7 +186,7 @@ async def open_session(port: int, ctx: ssl.SSLContext | None, bufsize: int = 655
     _, client = await loop.create_connection(
         lambda: Client(bufsize), HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
     )
-    client.transport.write(handshake(HOST, port))
+    client.transport.write(handshake(HOST, port, ctx is not None))
     await client.wait()
     return client
 

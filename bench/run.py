@@ -18,9 +18,9 @@ import re
 import resource
 import shutil
 import signal
-import statistics
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,14 +148,16 @@ def connectable(port: int) -> bool:
 
 
 def tls_handshake(port: int, ctx: ssl.SSLContext) -> None:
-    with socket.create_connection((HOST, port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname=HOST):
-            pass
+    with socket.create_connection((HOST, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=HOST):
+        pass
 
 
 # -- measurements -------------------------------------------------------------------------------
 
-def client(mode: str, port: int, ca: str | None, *args: str, timeout: float = 300) -> dict[str, Any]:
+def client(
+    mode: str, port: int, ca: str | None, *args: str, timeout: float = 300
+) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH / "client.py"), mode, "--port", str(port), *args]
     if ca:
         cmd += ["--ca", ca]
@@ -295,11 +297,28 @@ class Env:
     work: Path
     socket: Path
     www: Path
+    forward_root: Path = REPO
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
     client_ctx: ssl.SSLContext | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def session_limits(env: Env) -> list[str]:
+    """Lift forward's per-client session cap (if this checkout has one): every benchmark
+    session comes from 127.0.0.1."""
+    out = subprocess.run(
+        [sys.executable, "-m", "forward", "-h"], capture_output=True, text=True, check=False,
+        cwd=env.forward_root,
+        env=dict(os.environ, PYTHONPATH=str(env.forward_root), PYTHONDONTWRITEBYTECODE="1"),
+    ).stdout
+    flags = []
+    if "--max-sessions-per-client" in out:
+        flags += ["--max-sessions-per-client", "0"]
+    if re.search(r"--max-sessions\b(?!-)", out):
+        flags += ["--max-sessions", "0"]
+    return flags
 
 
 def relay_command(name: str, port: int, env: Env, tls: bool) -> tuple[list[str], dict[str, Any]]:
@@ -309,8 +328,10 @@ def relay_command(name: str, port: int, env: Env, tls: bool) -> tuple[list[str],
                "-r", str(env.www), "--heartbeat", "0", "--log-level", "warning"]
         if tls:
             cmd += ["-k", str(env.key), "-c", str(env.cert)]
-        envvars = dict(os.environ, PYTHONPATH=str(REPO))
-        return cmd, {"cwd": str(REPO), "env": envvars}
+        cmd += session_limits(env)
+        # No bytecode files: --forward-root may be someone else's checkout.
+        envvars = dict(os.environ, PYTHONPATH=str(env.forward_root), PYTHONDONTWRITEBYTECODE="1")
+        return cmd, {"cwd": str(env.forward_root), "env": envvars}
     if name == "c-forward":
         if not C_FORWARD.exists():
             raise NotAvailable(f"{C_FORWARD} is not installed (apt-get install r-cran-rserve)")
@@ -444,7 +465,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def verdicts(results: dict[str, dict[str, Any]], rat: dict[str, dict[str, float]]) -> dict[str, str]:
+def verdicts(
+    results: dict[str, dict[str, Any]], rat: dict[str, dict[str, float]]
+) -> dict[str, str]:
     out = {}
     ours, r = results.get("forward", {}), rat.get("forward", {})
     for key, (_, _, higher, target) in FIGURES.items():
@@ -468,6 +491,7 @@ def fmt(value: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Benchmark results ({report['when']})", "", f"Machine: {report['machine']}", "",
+             f"forward measured: commit {report.get('forward_commit', '?')}", "",
              f"Load: {report['load_text']}", "",
              "Load average of the machine (1, 5, 15 min) before: "
              + ", ".join(f"{x:.1f}" for x in report["loadavg_before"]) + "; after: "
@@ -486,10 +510,10 @@ def markdown(report: dict[str, Any]) -> str:
             for relay in RELAYS:
                 v = res.get(relay, {}).get(key)
                 q = rat.get(relay, {}).get(key)
-                cells.append(fmt(v) + (f" ({q:.2f}×)" if q is not None and relay != "c-forward"
+                cells.append(fmt(v) + (f" ({q:.2f}x)" if q is not None and relay != "c-forward"
                                        else ""))
             arrow = "≥" if higher else "≤"
-            tgt = f"{arrow} {target}×" if target else ""
+            tgt = f"{arrow} {target}x" if target else ""
             if key == "pss_kb_per_session":
                 tgt = f"≤ {PSS_TARGET_KB:g} KB"
             lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {tgt} | {ver[key]} |")
@@ -548,10 +572,10 @@ def chart(report: dict[str, Any], path: Path) -> str | None:
         ax.set_yscale("log")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([FIGURES[k][0] for k in keys], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("× better than C forward (log)")
+        ax.set_ylabel("x better than C forward (log)")
         ax.set_title(f"{'ws://' if scheme == 'plain' else 'wss:// / https://'} — "
                      "C forward = 1, dashed green = forward's target")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -595,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench",
                         help="directory for results.json, results.md and ratios.png")
     parser.add_argument("--quick", action="store_true", help="a tiny load (smoke test)")
+    parser.add_argument("--forward-root", type=Path, default=REPO,
+                        help="checkout whose forward package is measured (default: this one)")
     parser.add_argument("--relays", default=",".join(RELAYS))
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     for name, value in vars(Load()).items():
@@ -618,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a timeout, CI cancelling) unwinds like Ctrl-C, so every relay is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="forward-bench-"))
-    env = Env(work, work / "echo.sock", work / "www")
+    env = Env(work, work / "echo.sock", work / "www", forward_root=args.forward_root.resolve())
     env.www.mkdir()
     (env.www / "static.html").write_bytes(STATIC_BODY)
     report: dict[str, Any] = {
@@ -626,10 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}, "
                    f"Python {sys.version.split()[0]}",
         "load": vars(load),
+        "forward_root": str(args.forward_root.resolve()),
+        "forward_commit": subprocess.run(
+            ["git", "-C", str(args.forward_root), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=False).stdout.strip() or "unknown",
         "load_text": (
             f"{load.rtt_calls} sequential 64 B calls; bulk: {load.bulk_size // 1024} KiB "
             f"messages, at least {load.bulk_count} and {load.bulk_seconds} s; "
-            f"{load.parallel_sessions} sessions × 1 KB for {load.parallel_seconds} s "
+            f"{load.parallel_sessions} sessions x 1 KB for {load.parallel_seconds} s "
             f"({load.parallel_procs} client processes); {load.sessions} idle sessions "
             f"({load.sessions_websockify} for websockify, which forks per session); wrk -c"
             f"{load.wrk_connections} for {load.static_seconds} s; echo backend with "
@@ -677,8 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = chart(report, args.out / "ratios.png")
     if problem:
         print(problem)
-    print("load average before %.1f %.1f %.1f, after %.1f %.1f %.1f"
-          % (*report["loadavg_before"], *report["loadavg_after"]))
+    before, after = report["loadavg_before"], report["loadavg_after"]
+    print(f"load average before {before}, after {after}")
     print(f"\nwritten: {args.out}/results.json, results.md" + ("" if problem else ", ratios.png"))
     return 0
 

@@ -28,7 +28,7 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from forward.wsframe import frame_header  # noqa: E402
+from forward.wsframe import frame_header
 
 HEADER = struct.Struct("<IIII")
 RESP_OK = 0x10001

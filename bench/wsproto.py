@@ -55,12 +55,14 @@ def echo_request(size: int, msg_id: int = 1) -> tuple[bytes, int]:
     return client_frame(qap_message(CMD_EVAL, msg_id, size)), 16 + size
 
 
-def handshake(host: str, port: int, path: str = "/") -> bytes:
+def handshake(host: str, port: int, secure: bool = False, path: str = "/") -> bytes:
+    # The Origin of a page served by the relay itself: forward only lets same-origin pages in.
+    origin = f"{'https' if secure else 'http'}://{host}:{port}"
     key = base64.b64encode(os.urandom(16)).decode()
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        "Origin: http://127.0.0.1\r\n\r\n"
+        f"Origin: {origin}\r\n\r\n"
     ).encode()
 
 
@@ -78,12 +80,13 @@ class FrameCounter:
     """Counts data-frame payload bytes in a server's byte stream, keeping at most one partial
     frame header (14 bytes) between calls."""
 
-    __slots__ = ("_data", "_head", "_left")
+    __slots__ = ("_data", "_head", "_left", "closed")
 
     def __init__(self) -> None:
         self._head = bytearray()
         self._left = 0
         self._data = True
+        self.closed = False  # the server sent a close frame: no answer will come
 
     def feed(self, view: memoryview | bytes) -> int:
         got = 0
@@ -115,10 +118,14 @@ class FrameCounter:
                 pos += hlen
             self._left = length
             self._data = opcode <= 0x2
+            if opcode == 0x8:
+                self.closed = True
         return got
 
 
-def _parse(buf: memoryview | bytes | bytearray, off: int, avail: int) -> tuple[int, int, int] | None:
+def _parse(
+    buf: memoryview | bytes | bytearray, off: int, avail: int
+) -> tuple[int, int, int] | None:
     if avail < 2:
         return None
     b0, b1 = buf[off], buf[off + 1]
