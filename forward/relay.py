@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import time
@@ -103,7 +102,13 @@ class _Backend(asyncio.Protocol):
 class Session:
     """State of one relayed session; the app keeps these in a set, nothing else is shared."""
 
-    _ids = itertools.count(1)
+    # Thousands of these live at once: no per-instance dict.
+    __slots__ = (
+        "_backend", "_backend_alive", "_client", "_closer", "_counted", "_heartbeat",
+        "_last_activity", "_pending", "_reading_paused", "_request", "_resumer", "_server",
+        "_settings", "_started", "_stats", "_timers", "_ws", "bytes_from_r", "bytes_to_r",
+        "ended", "id", "label",
+    )
 
     def __init__(
         self,
@@ -111,8 +116,9 @@ class Session:
         ws: web.WebSocketResponse,
         settings: RelaySettings,
         label: str,
+        session_id: int = 0,
     ) -> None:
-        self.id = next(self._ids)
+        self.id = session_id
         self.label = label  # "peer via listener", for the log
         self._request = request
         self._ws = ws
