@@ -8,6 +8,7 @@ is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import weakref
@@ -160,9 +161,8 @@ def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
                     out.setdefault(name, []).append(_bind(host, port))
                 except OSError as exc:
                     where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
-                    raise ConfigError(
-                        f"cannot listen on {where} ({flag}): {exc.strerror or exc}"
-                    ) from exc
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise ConfigError(f"cannot listen on {where} ({flag}): {why}") from exc
     except BaseException:
         for socks in out.values():
             for sock in socks:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .app import Server
 from .config import Config, ConfigError, settings
+from .dispatch import make_http_handler
 
 log = logging.getLogger("forward")
 
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = meta["choices"]
         if meta.get("action") == "append":
             kw["action"] = "append"
+        elif meta.get("action") == "store_true":
+            # None, not False, so that an absent flag leaves the Config default in place.
+            kw.update(action="store_true", default=None)
+            del kw["metavar"]
         elif f.type in ("int", int):
             kw["type"] = int
         elif f.type in ("float", float):
@@ -60,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     ns = build_parser().parse_args(argv)
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         value = getattr(ns, f.name)
         if value is not None:
@@ -77,7 +82,7 @@ def setup_logging(config: Config) -> None:
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    server = Server(config)
+    server = Server(config, http_handler=make_http_handler(config))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,7 +90,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "forward %s: relaying WebSocket sessions to %s (heartbeat %ss)",
-        __version__, config.socket, config.heartbeat,
+        __version__,
+        config.socket,
+        config.heartbeat,
     )
     if ready is not None:
         ready.set()

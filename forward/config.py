@@ -9,6 +9,7 @@ human sentence, before anything is bound or served.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,28 @@ class Config:
         metavar="SECONDS",
         help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
     )
+    follow_symlinks: bool = _opt(
+        False,
+        "--follow-symlinks",
+        action="store_true",
+        help="serve files through symbolic links that lead out of the document root "
+        "(default: refused with 403; links that stay inside are always followed)",
+    )
+    max_body_size: int = _opt(
+        64 * 1024 * 1024,
+        "--max-body-size",
+        metavar="BYTES",
+        help="largest request body passed to a .R script; larger ones get 413 "
+        "(default 64 MiB; 0: no limit)",
+    )
+    trusted_proxy: tuple[str, ...] = _opt(
+        (),
+        "--trusted-proxy",
+        metavar="ADDR[/BITS]",
+        action="append",
+        help="a proxy (address or network) whose X-Forwarded-For and X-Real-IP headers are "
+        "believed; repeatable (default: none, such headers from clients are replaced)",
+    )
     log_level: str = _opt(
         "info",
         "--log-level",
@@ -159,6 +182,15 @@ class Config:
             raise ConfigError("--heartbeat must be 0 (off) or a positive number of seconds")
         if self.max_message_size < 0:
             raise ConfigError("--max-message-size must be 0 (no limit) or a number of bytes")
+        if self.max_body_size < 0:
+            raise ConfigError("--max-body-size must be 0 (no limit) or a number of bytes")
+        for proxy in self.trusted_proxy:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-proxy {proxy}: not an IP address or network"
+                ) from None
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         return self

@@ -1,0 +1,33 @@
+"""Which handler answers a plain HTTP request on the `-p` port: R scripts or the document root.
+
+The request target is parsed and checked once here (static.parse_target), then the decoded path
+decides: `.R` scripts, `.R/` with path info, `/library/` and `/doc/` go to R (SPEC section 4),
+everything else to the document root (section 3). A `Refusal` raised anywhere below becomes its
+HTTP answer in this one place; the server goes on serving.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .app import Handler
+from .config import Config, ConfigError
+from .static import DocRoot, Refusal, StaticFiles, parse_target
+
+
+def make_http_handler(config: Config) -> Handler:
+    """The handler for non-WebSocket requests; raises ConfigError if `-r` is not a directory."""
+    try:
+        docroot = DocRoot.open(config.doc_root, config.follow_symlinks)
+    except OSError:
+        raise ConfigError(f"-r {config.doc_root}: not a directory") from None
+    static = StaticFiles(docroot)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            target = parse_target(request.raw_path)
+            return await static.handle(request, target)
+        except Refusal as refusal:
+            return refusal.response()
+
+    return handle

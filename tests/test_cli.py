@@ -1,0 +1,179 @@
+"""The `forward` command line: the C program's flags, one-line errors, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forward.cli import parse_args
+from forward.config import Config, ConfigError
+
+from .conftest import Rserve
+from .rclient import RClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_forward(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forward", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_short_flags_keep_the_c_meanings_and_defaults() -> None:
+    assert parse_args([]) == Config()
+    c = Config()
+    assert (c.http_port, c.ws_port, c.socket, c.rscript_socket, c.doc_root, c.ulog) == (
+        8088,
+        0,
+        "Rserve_socket",
+        "Rscript_socket",
+        ".",
+        "ulog_socket",
+    )
+    c = parse_args(
+        [
+            "-p",
+            "8080",
+            "-w",
+            "8081",
+            "-s",
+            "/run/r.sock",
+            "-R",
+            "/run/rs.sock",
+            "-r",
+            "/srv/www",
+            "-k",
+            "k.pem",
+            "-c",
+            "c.pem",
+            "-C",
+            "ca.pem",
+            "-u",
+            "udp://127.0.0.1",
+            "-S",
+            "mgr:41",
+        ]
+    )
+    assert (c.http_port, c.ws_port, c.socket, c.rscript_socket, c.doc_root) == (
+        8080,
+        8081,
+        "/run/r.sock",
+        "/run/rs.sock",
+        "/srv/www",
+    )
+    assert (c.tls_key, c.tls_cert, c.tls_ca, c.ulog, c.server_manager) == (
+        "k.pem",
+        "c.pem",
+        "ca.pem",
+        "udp://127.0.0.1",
+        "mgr:41",
+    )
+    long = parse_args(["--http-port", "8080", "--ws-port", "8081", "--socket", "/run/r.sock"])
+    assert (long.http_port, long.ws_port, long.socket) == (8080, 8081, "/run/r.sock")
+    assert parse_args(["-b", "127.0.0.1", "--bind", "::1"]).bind == ("127.0.0.1", "::1")
+    assert parse_args(["-p", "-1", "-w", "8081"]).http_port == -1  # negative disables, as in C
+
+
+def test_help_exits_zero_with_usage() -> None:
+    out = run_forward("-h")
+    assert out.returncode == 0
+    assert "Usage: forward [-h] [-p <http-port>]" in out.stdout.replace("usage:", "Usage:")
+    assert "--tls-key" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-x"], "unrecognized arguments: -x"),
+        (["-p"], "argument -p/--http-port: expected one argument"),
+        (["-p", "eighty"], "invalid int value: 'eighty'"),
+        (["-p", "70000"], "-p 70000: a port must be between 1 and 65535"),
+        (["-k", "key.pem"], "-k <key> requires a corresponding certificate"),
+        (["-p", "0"], "nothing to listen on"),
+        (["-p", "9000", "-w", "9000"], "-p and -w are both 9000"),
+        (["--heartbeat", "-5"], "--heartbeat must be 0"),
+    ],
+)
+def test_bad_command_lines_fail_with_one_line(args: list[str], message: str) -> None:
+    out = run_forward(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert message in lines[0]
+    assert lines[0].startswith("forward: ")
+
+
+def test_port_in_use_fails_before_serving() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = run_forward("-b", "127.0.0.1", "-p", str(port))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == f"forward: cannot listen on 127.0.0.1:{port} (-p): Address already in use"
+
+
+def test_validate_rejects_cert_without_key() -> None:
+    with pytest.raises(ConfigError, match="-c <cert> needs the private key"):
+        Config(tls_cert="c.pem").validate()
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.rserve
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_serves_then_exits_zero_on_signal(rserve_qap: Rserve, sig: signal.Signals) -> None:
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-s",
+            str(rserve_qap.socket),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # start-up is done when forward says it listens
+            if "listening on" in line:
+                break
+        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
+            assert (await c.eval("40 + 2")).value == [42.0]
+            proc.send_signal(sig)
+            closing = await c.ws.receive()
+            while closing.data != 1001 and not c.ws.closed:  # the OOB notice comes first
+                closing = await c.ws.receive()
+            assert c.ws.close_code == 1001
+        assert proc.wait(20) == 0
+        rest = proc.stderr.read()
+        assert "shutting down" in rest and "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
