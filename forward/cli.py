@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     ns = build_parser().parse_args(argv)
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         value = getattr(ns, f.name)
         if value is not None:
@@ -85,7 +85,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "forward %s: relaying WebSocket sessions to %s (heartbeat %ss)",
-        __version__, config.socket, config.heartbeat,
+        __version__,
+        config.socket,
+        config.heartbeat,
     )
     if ready is not None:
         ready.set()

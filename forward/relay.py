@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -118,7 +119,7 @@ class Session:
         self._reading_paused = False
         self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
         self._heartbeat: asyncio.TimerHandle | None = None
-        self._closer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[bool] | None = None
         self._resumer: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self.ended = "open"
@@ -136,11 +137,13 @@ class Session:
         path = self._settings.socket
         try:
             async with asyncio.timeout(self._settings.backend_timeout):
-                _, backend = await loop.create_unix_connection(lambda: _Backend(self), path)
+                sock = await connect_unix(path)
+                _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            log.warning("session %d from %s: cannot reach Rserve at %s: %s",
-                        self.id, self.label, path, why)
+            log.warning(
+                "session %d from %s: cannot reach Rserve at %s: %s", self.id, self.label, path, why
+            )
             self.ended = "Rserve unreachable"
             await self._ws.close(code=1011, message=_reason(f"Rserve unavailable: {why}"))
             return
@@ -179,8 +182,13 @@ class Session:
             backend.transport.close()
         log.info(
             "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
-            self.id, self.label, self.mode, self.bytes_to_r, self.bytes_from_r,
-            time.monotonic() - self._started, self.ended,
+            self.id,
+            self.label,
+            self.mode,
+            self.bytes_to_r,
+            self.bytes_from_r,
+            time.monotonic() - self._started,
+            self.ended,
         )
 
     def close(self, code: int, reason: str, *, notice: bool = False) -> None:
@@ -209,15 +217,17 @@ class Session:
                 elif chunk.last:
                     self._answer_broken(chunk.header.msg_id)
         except qap.QAPError as exc:
-            log.warning("session %d from %s: refused browser data: %s",
-                        self.id, self.label, exc.reason)
+            log.warning(
+                "session %d from %s: refused browser data: %s", self.id, self.label, exc.reason
+            )
             self.close(exc.close_code, exc.reason)
         if out and backend is not None and backend.transport is not None:
             try:
                 backend.transport.writelines(out)
             except (OSError, RuntimeError) as exc:
-                log.warning("session %d from %s: write to Rserve failed: %s",
-                            self.id, self.label, exc)
+                log.warning(
+                    "session %d from %s: write to Rserve failed: %s", self.id, self.label, exc
+                )
                 self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
                 self._lose_backend()
                 return
@@ -236,8 +246,12 @@ class Session:
         try:
             for item in self._server.feed(data):
                 if isinstance(item, qap.Greeting):
-                    log.info("session %d from %s: Rserve in %s mode",
-                             self.id, self.label, item.mode.value)
+                    log.info(
+                        "session %d from %s: Rserve in %s mode",
+                        self.id,
+                        self.label,
+                        item.mode.value,
+                    )
                     if item.data:
                         self._write_frame(Opcode.TEXT, item.data)
                     continue
@@ -289,9 +303,14 @@ class Session:
             log.warning("session %d from %s: %s", self.id, self.label, why)
             self.close(1011, why)
             return
-        log.info("session %d from %s: Rserve closed the session%s; answering %d pending "
-                 "request(s) with ERR_conn_broken", self.id, self.label,
-                 f" ({exc})" if exc else "", len(self._pending))
+        log.info(
+            "session %d from %s: Rserve closed the session%s; answering %d pending "
+            "request(s) with ERR_conn_broken",
+            self.id,
+            self.label,
+            f" ({exc})" if exc else "",
+            len(self._pending),
+        )
         self._lose_backend()
 
     def _lose_backend(self) -> None:
@@ -320,7 +339,34 @@ class Session:
         # message in flight keeps proxies from timing out anyway.
         if not self._server.in_message and self._backend_alive:
             self._write_frame(Opcode.BINARY, qap.IDLE_MESSAGE)
-        self._heartbeat = asyncio.get_running_loop().call_later(self._settings.heartbeat, self._beat)
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            self._settings.heartbeat, self._beat
+        )
+
+
+async def connect_unix(path: str) -> socket.socket:
+    """Connect to a unix stream socket, waiting while its listen queue is full.
+
+    A non-blocking connect to a unix socket whose backlog is full fails with EAGAIN, which (unlike
+    EINPROGRESS on TCP) means "not connected": asyncio and uvloop would wait for writability and
+    then use a socket that never connected. Rserve listens with a small backlog and forks for every
+    connection, so a burst of sessions hits this; retry with a short backoff until it accepts.
+    """
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 def _reason(text: str) -> bytes:

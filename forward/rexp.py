@@ -142,11 +142,15 @@ def _body(kind: int, body: memoryview) -> Any:
     if kind == Xt.ARRAY_DOUBLE:
         out = []
         for (bits,) in struct.iter_unpack("<Q", body):
-            out.append(None if bits == NA_REAL_BITS else struct.unpack("<d", bits.to_bytes(8, "little"))[0])
+            out.append(
+                None if bits == NA_REAL_BITS else struct.unpack("<d", bits.to_bytes(8, "little"))[0]
+            )
         return out
     if kind == Xt.ARRAY_STR:
         parts = bytes(body).split(b"\0")[:-1]
-        return [None if p == _NA_STRING else p.lstrip(b"\x01").decode("utf-8", "replace") for p in parts]
+        return [
+            None if p == _NA_STRING else p.lstrip(b"\x01").decode("utf-8", "replace") for p in parts
+        ]
     if kind in (Xt.SYMNAME, Xt.STR):
         return bytes(body).split(b"\0", 1)[0].decode("utf-8", "replace")
     if kind == Xt.ARRAY_BOOL:

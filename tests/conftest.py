@@ -96,7 +96,10 @@ class Rserve:
             cmd += ["--RS-source", str(init)]
         with (self.directory / "rserve.log").open("wb") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         wait_for_socket(self.socket, self.proc)

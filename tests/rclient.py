@@ -56,9 +56,7 @@ class RClient:
             raise
         client = cls(ws, session)
         first = await ws.receive()
-        if first.type is aiohttp.WSMsgType.TEXT:
-            client.greeting = first.data
-        elif first.type is aiohttp.WSMsgType.BINARY:
+        if first.type is aiohttp.WSMsgType.TEXT or first.type is aiohttp.WSMsgType.BINARY:
             client.greeting = first.data
         else:
             await client.close()
@@ -89,7 +87,9 @@ class RClient:
     async def receive(self) -> Reply:
         msg = await self.ws.receive()
         if msg.type is not aiohttp.WSMsgType.BINARY:
-            raise ConnectionError(f"expected a binary frame, got {msg.type} {msg.data!r} {msg.extra!r}")
+            raise ConnectionError(
+                f"expected a binary frame, got {msg.type} {msg.data!r} {msg.extra!r}"
+            )
         data: bytes = msg.data
         header = Header.parse(data[:16])
         assert len(data) == 16 + header.length, "one QAP message per WebSocket message"

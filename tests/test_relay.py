@@ -1,24 +1,354 @@
-"""The relay against a real Rserve, through both -p and -w (SPEC section 2)."""
+"""The relay against a real Rserve, through both -p and -w (SPEC section 2).
+
+A fake backend appears only where the point is a byte-exact record of what reached it, or a
+backend misbehaving in a way Rserve cannot be made to.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
 import pytest
 
-from forward import rexp
-from forward.qap import Xt
+from forward import qap, rexp
+from forward.qap import Cmd, Header, Xt
 
 from .conftest import Rserve, StartForward
-from .rclient import RClient
-
-pytestmark = pytest.mark.rserve
+from .fakes import FakeRserve
+from .rclient import RClient, RError
 
 GREETING = "Rsrv0103QAP1\r\n\r\n--------------\r\n"
+LISTENERS = pytest.mark.parametrize("listener", ["http", "ws"])
 
 
-@pytest.mark.parametrize("listener", ["http", "ws"])
+def eval_msg(expr: str, msg_id: int) -> bytes:
+    payload = rexp.string_param(expr)
+    return Header(Cmd.EVAL, len(payload), msg_id).encode() + payload
+
+
+# -- classic mode ------------------------------------------------------------------------------
+
+
+@pytest.mark.rserve
+@LISTENERS
 async def test_classic_eval(rserve_qap: Rserve, start_forward: StartForward, listener: str) -> None:
     fwd = await start_forward(rserve_qap.socket)
-    async with await RClient.connect(fwd.url(listener)) as c:
-        assert c.greeting == GREETING  # a str: it came as one TEXT frame
+    async with await RClient.connect(fwd.url(listener, "/any/path")) as c:
+        assert c.greeting == GREETING  # a str: it arrived as one TEXT frame
         value = await c.eval("1+1")
         assert (value.xt, value.value) == (Xt.ARRAY_DOUBLE, [2.0])
+        value = await c.eval("paste('a', 1:3)")
+        assert value.value == ["a 1", "a 2", "a 3"]
+
+
+@pytest.mark.rserve
+@LISTENERS
+async def test_classic_large_result_and_large_assign(
+    rserve_qap: Rserve, start_forward: StartForward, listener: str
+) -> None:
+    fwd = await start_forward(rserve_qap.socket)
+    async with await RClient.connect(fwd.url(listener)) as c:
+        # 3e6 doubles = 24 MB: needs XT_LARGE/DT_LARGE headers and arrives as one WS message.
+        await c.send(Cmd.EVAL, rexp.string_param("set.seed(1); x <- rnorm(3e6); x"))
+        reply = await c.response()
+        assert reply.header.length > 2**24
+        values = reply.value().value
+        assert len(values) == 3_000_000
+        check = await c.eval("c(x[1], x[3e6], sum(x))")
+        assert values[0] == check.value[0] and values[-1] == check.value[1]
+        assert sum(values) == pytest.approx(check.value[2])
+        # A 20 MB vector assigned from the browser.
+        big = [float(i % 1000) for i in range(2_500_000)]
+        await c.assign("y", rexp.doubles(big))
+        got = await c.eval("c(length(y), sum(y), y[2500000])")
+        assert got.value == [2_500_000.0, float(sum(big)), 999.0]
+
+
+@pytest.mark.rserve
+async def test_split_and_batched_requests_reach_r_in_order(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    """Browser data split inside headers, between messages, many per frame, one byte per frame."""
+    fwd = await start_forward(rserve_qap.socket)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        stream = b"".join(eval_msg(f"{i} * 10", i) for i in range(1, 41))
+        offsets = [0, 3, 16, 17, 40, 41, 200, 201, 202, len(stream) - 5, len(stream)]
+        # one byte per frame for the first message, then odd cuts, then the rest in one frame
+        pieces = [stream[i : i + 1] for i in range(offsets[1])]
+        pieces += [stream[a:b] for a, b in itertools.pairwise(offsets)]
+        for p in pieces:
+            await c.ws.send_bytes(p)
+        for i in range(1, 41):
+            reply = await c.response()
+            assert reply.value().value == [i * 10.0]
+
+
+@pytest.mark.rserve
+async def test_subprotocol_first_offered_is_echoed(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(rserve_qap.socket)
+    async with await RClient.connect(fwd.url("http"), protocols=("qap1", "other")) as c:
+        assert c.ws.protocol == "qap1"
+        assert (await c.eval("2")).value == [2.0]
+
+
+@pytest.mark.rserve
+async def test_many_sessions_are_isolated(rserve_qap: Rserve, start_forward: StartForward) -> None:
+    fwd = await start_forward(rserve_qap.socket)
+    n = 120
+
+    async def one(i: int) -> tuple[float, float]:
+        async with await RClient.connect(fwd.url("http" if i % 2 else "ws")) as c:
+            await c.eval(f"me <- {i}")
+            pid = (await c.eval("Sys.getpid()")).value[0]
+            await asyncio.sleep(0)
+            return (await c.eval("me")).value[0], pid
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    assert [r[0] for r in results] == [float(i) for i in range(n)]
+    assert len({r[1] for r in results}) == n  # one R process each
+
+
+# -- OCAP mode ---------------------------------------------------------------------------------
+
+
+async def ocap_login(c: RClient) -> rexp.RObj:
+    assert isinstance(c.greeting, bytes)  # the RsOC greeting is a BINARY frame
+    assert Header.parse(c.greeting[:16]).cmd == Cmd.OC_INIT
+    denied = await c.call(c.capability, rexp.strings(["mike"]), rexp.strings(["wrong"]))
+    assert denied.value == ["sorry, unauthorized!"]
+    granted = await c.call(c.capability, rexp.strings(["mike"]), rexp.strings(["mypwd"]))
+    return granted.as_dict()["parseEval"]
+
+
+@pytest.mark.rserve
+@LISTENERS
+async def test_ocap_auth_parse_eval_and_oob(
+    rserve_ocap: Rserve, start_forward: StartForward, listener: str
+) -> None:
+    fwd = await start_forward(rserve_ocap.socket)
+    async with await RClient.connect(fwd.url(listener)) as c:
+        parse_eval = await ocap_login(c)
+        assert parse_eval.attr("class").value == ["OCref"]  # type: ignore[union-attr]
+        result = await c.call(parse_eval, rexp.strings(["6 * 7"]))
+        assert result.value == [42.0]
+        result = await c.call(
+            parse_eval, rexp.strings(["for (i in 1:3) self.oobSend(paste('step', i)); 'done'"])
+        )
+        assert result.value == ["done"]
+        assert [o.header.cmd for o in c.oob] == [Cmd.OOB_SEND] * 3
+        assert [o.value().value for o in c.oob] == [["step 1"], ["step 2"], ["step 3"]]
+
+
+@pytest.mark.rserve
+async def test_ocap_oob_message_round_trip(
+    rserve_ocap: Rserve, start_forward: StartForward
+) -> None:
+    """R asks the browser (OOB_MSG) and waits; the browser's answer goes back through forward."""
+    fwd = await start_forward(rserve_ocap.socket)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        parse_eval = await ocap_login(c)
+        await c.send(
+            Cmd.OC_CALL,
+            rexp.sexp_param(
+                rexp.call(parse_eval, rexp.strings(["paste('got', self.oobMessage('q'))"]))
+            ),
+        )
+        ask = await c.receive()
+        assert ask.header.cmd & 0xFFFFF000 == Cmd.OOB_MSG
+        answer = rexp.sexp_param(rexp.strings(["browser says hi"]))
+        await c.send(ask.header.cmd | Cmd.RESP_OK, answer, msg_id=ask.header.msg_id)
+        result = (await c.response()).value()
+        assert result.value == ["got browser says hi"]
+
+
+# -- when the backend goes away ----------------------------------------------------------------
+
+
+@pytest.mark.rserve
+async def test_r_killed_mid_session_answers_conn_broken(
+    fresh_rserve: type[Rserve], start_forward: StartForward
+) -> None:
+    r = fresh_rserve()  # type: ignore[call-arg]
+    fwd = await start_forward(r.socket)
+    async with await RClient.connect(fwd.url("http")) as c:
+        pid = int((await c.eval("Sys.getpid()")).value[0])
+        assert pid in r.children()
+        # A request in flight when R dies is answered, then so is every later one.
+        await c.send(Cmd.EVAL, rexp.string_param("Sys.sleep(60)"), msg_id=77)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RError) as info:
+            await c.response()
+        assert (info.value.status, info.value.header.msg_id) == (0x42, 77)
+        for mid in (5, 6, 1234):
+            await c.send(Cmd.EVAL, rexp.string_param("1"), msg_id=mid)
+            with pytest.raises(RError) as info:
+                await c.response()
+            assert info.value.header.cmd == 0x42010002
+            assert info.value.header.msg_id == mid
+        assert not c.ws.closed  # the browser is not dropped
+    # The server goes on: a new session gets a new R process.
+    async with await RClient.connect(fwd.url("http")) as c:
+        assert (await c.eval("3")).value == [3.0]
+
+
+async def test_backend_missing_gives_clear_close_and_server_keeps_serving(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    path = tmp_path / "not-yet.sock"
+    fwd = await start_forward(path)
+    async with aiohttp.ClientSession() as s, s.ws_connect(fwd.url("ws")) as ws:
+        msg = await ws.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1011
+        assert "Rserve unavailable" in msg.extra
+    fake = await FakeRserve(path).start()
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            await c.send(Cmd.EVAL, b"abc", msg_id=3)
+            assert (await c.response()).payload == b"abc"
+    finally:
+        await fake.stop()
+
+
+async def test_bytes_reach_the_backend_unchanged_whatever_the_fragmentation(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path)
+    try:
+        wire = [Header(Cmd.EVAL, n, n).encode() + os.urandom(n) for n in (0, 1, 15, 16, 17, 70_000)]
+        data = b"".join(wire)
+        for size in (1, 5, 16, 33, 4096, len(data)):
+            async with await RClient.connect(fwd.url("http")) as c:
+                for i in range(0, len(data), size):
+                    await c.ws.send_bytes(data[i : i + size])
+                for m in wire:
+                    reply = await c.receive()
+                    assert reply.payload == m[16:]
+                    assert reply.header.msg_id == Header.parse(m[:16]).msg_id
+            assert bytes(fake.received[-1]) == data
+    finally:
+        await fake.stop()
+
+
+async def test_large_message_from_backend_streams_as_one_ws_message(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path)
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            body = os.urandom(8 * 2**20 + 3)
+            await c.send(Cmd.EVAL, body, msg_id=9)
+            reply = await c.receive()  # asserts one QAP message per WebSocket message
+            assert reply.payload == body
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("greeting", "reason"),
+    [(b"RSpx" + bytes(28), "RSpx"), (b"HTTP/1.0 400 Bad\r\n\r\n", "not an Rserve greeting")],
+)
+async def test_bad_greeting_closes_with_reason(
+    tmp_path: Path, start_forward: StartForward, greeting: bytes, reason: str
+) -> None:
+    async def bad(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: FakeRserve) -> None:
+        w.write(greeting)
+        await w.drain()
+        await r.read()
+
+    fake = await FakeRserve(tmp_path / "bad.sock", bad).start()
+    fwd = await start_forward(fake.path)
+    try:
+        async with aiohttp.ClientSession() as s, s.ws_connect(fwd.url("ws")) as ws:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1011 and reason in msg.extra
+    finally:
+        await fake.stop()
+
+
+async def test_backend_dying_mid_message_closes_the_websocket(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    async def dies(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: FakeRserve) -> None:
+        w.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+        await r.readexactly(16)
+        w.write(Header(Cmd.RESP_OK, 1000, 0).encode() + b"partial")
+        await w.drain()
+
+    fake = await FakeRserve(tmp_path / "dies.sock", dies).start()
+    fwd = await start_forward(fake.path)
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            await c.send(Cmd.EVAL, b"")
+            msg = await c.ws.receive()
+            # The partial message must never be delivered as if it were whole.
+            while msg.type is aiohttp.WSMsgType.BINARY:
+                msg = await c.ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert c.ws.close_code == 1011 and "middle of a message" in msg.extra
+    finally:
+        await fake.stop()
+
+
+async def test_heartbeat_sends_the_idle_oob_message(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path, heartbeat=0.05)
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            msg = await c.ws.receive()
+            assert msg.type is aiohttp.WSMsgType.BINARY
+            assert msg.data == qap.IDLE_MESSAGE
+            await c.send(Cmd.EVAL, b"after", msg_id=1)
+            reply = await c.response()
+            assert reply.payload == b"after"
+    finally:
+        await fake.stop()
+
+
+async def test_oversized_message_from_browser_is_refused_before_r_sees_it(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path, max_message_size=1000)
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            await c.send(Cmd.EVAL, b"ok", msg_id=1)
+            assert (await c.response()).payload == b"ok"
+            await c.ws.send_bytes(Header(Cmd.EVAL, 5000, 2).encode() + b"x" * 100)
+            msg = await c.ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert c.ws.close_code == 1009 and "exceeds the limit" in msg.extra
+        ok = Header(Cmd.EVAL, 2, 1).encode() + b"ok"
+        assert bytes(fake.received[-1]) == ok  # nothing of the refused message reached R
+    finally:
+        await fake.stop()
+
+
+async def test_shutdown_sends_notice_and_going_away(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path)
+    try:
+        c = await RClient.connect(fwd.url("http"))
+        stopping = asyncio.create_task(fwd.server.stop())
+        msg = await c.ws.receive()
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == qap.SHUTDOWN_NOTICE
+        msg = await c.ws.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE and c.ws.close_code == 1001
+        await c.close()
+        await stopping
+    finally:
+        await fake.stop()
