@@ -296,15 +296,16 @@ class Contexts:
 
 
 ContextSource = Callable[[], ssl.SSLContext]
+ACCEPT_RETRY_DELAY = 1.0  # as asyncio's own servers, after EMFILE and the like
 
 
 class TLSSite(web.SockSite):
-    """A SockSite that performs each TLS handshake itself with the context of the moment.
+    """A SockSite that hands each accepted connection the TLS context of the moment.
 
     asyncio's `create_server(ssl=...)` fixes the context for the listener's life and drops
-    handshake errors silently; here each accepted connection gets `contexts()` as it is now, and
-    a refused handshake (no or untrusted client certificate, plain HTTP, old TLS version) is
-    logged with the peer's address.
+    handshake errors silently; here each connection goes through `connect_accepted_socket` with
+    `contexts()` as it is now, and a refused handshake (no or untrusted client certificate, plain
+    HTTP, an old TLS version) is logged with the peer's address.
     """
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, contexts: ContextSource,
@@ -312,73 +313,107 @@ class TLSSite(web.SockSite):
         super().__init__(runner, sock, ssl_context=contexts())
         self._contexts = contexts
         self._listener = listener
-        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Handshake(self), sock=self._sock, backlog=self._backlog
-        )
-
-    async def stop(self) -> None:
-        await super().stop()
-        for task in list(self._handshakes):
-            task.cancel()
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
         factory = self._runner.server
         assert factory is not None
-        peer = _peer(transport)
-        protocol = factory()
+        self._server = _Acceptor(self._sock, factory, self._contexts, self._listener)
+
+
+class _Acceptor(asyncio.AbstractServer):
+    """The accept loop of one TLS listener, in the place of an asyncio.Server."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
+                 contexts: ContextSource, listener: str) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._contexts = contexts
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        self._task: asyncio.Task[None] | None = self._loop.create_task(self._accept())
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._task is not None else ()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._task is not None
+
+    async def start_serving(self) -> None:
+        """Serving starts at construction."""
+
+    async def serve_forever(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def close(self) -> None:
+        # Stop accepting and drop handshakes in progress; established connections belong to
+        # the aiohttp server now, which the runner shuts down in order.
+        if self._task is None:
+            return
+        self._task.cancel()
+        self._task = None
+        for task in list(self._handshakes):
+            task.cancel()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        if self._handshakes:
+            await asyncio.wait(list(self._handshakes))
+
+    async def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = await self._loop.sock_accept(self._sock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                log.error("accepting on %s failed, retrying in %.0f s: %s",
+                          self._listener, ACCEPT_RETRY_DELAY, exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            task = self._loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        peer = _peer(conn)
         try:
-            tls = await loop.start_tls(
-                transport, protocol, self._contexts(), server_side=True,
+            await self._loop.connect_accepted_socket(
+                self._factory, conn, ssl=self._contexts(),
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
-        except (OSError, TimeoutError, ConnectionError) as exc:
+        except (OSError, TimeoutError) as exc:
             log.info("TLS handshake from %s on %s refused: %s", peer, self._listener,
                      _handshake_reason(exc))
-            transport.abort()
-            return
-        if tls is None:  # the peer went away during the handshake
-            transport.abort()
-            return
-        protocol.connection_made(tls)
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
 
 
-class _Handshake(asyncio.Protocol):
-    """Holds a fresh TCP connection (reading paused) until its handshake task takes it over."""
-
-    def __init__(self, site: TLSSite) -> None:
-        self._site = site
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # start_tls resumes it under the TLS protocol
-        task = asyncio.get_running_loop().create_task(self._site._handshake(transport))
-        self._site._handshakes.add(task)
-        task.add_done_callback(self._site._handshakes.discard)
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    addr = transport.get_extra_info("peername")
-    if isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
+def _peer(conn: socket.socket) -> str:
+    try:
+        addr = conn.getpeername()
+    except OSError:
+        return "a peer that left"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _handshake_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return f"no handshake within {HANDSHAKE_TIMEOUT:.0f} s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate rejected: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
-        if reason == "HTTP_REQUEST":
+        if exc.reason == "HTTP_REQUEST":
             return "plain HTTP on a TLS port"
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return f"client certificate rejected: {exc.verify_message}"
-        return str(reason).lower().replace("_", " ") or str(exc)
+        return str(exc.reason or exc).lower().replace("_", " ")
     return str(exc) or type(exc).__name__
-
