@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import hdrs, web
 
+from . import tls
 from .config import Config, ConfigError
 from .relay import RelaySettings, Session, first_subprotocol
 
@@ -26,6 +27,7 @@ Sessions = weakref.WeakSet[Session]
 SESSIONS = web.AppKey("sessions", Sessions)
 RELAY = web.AppKey("relay", RelaySettings)
 LISTENER = web.AppKey("listener", str)
+POLICY = web.AppKey("client_policy", tls.ClientPolicy)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,10 +81,55 @@ async def not_found(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="Not found.\n")
 
 
+@web.middleware
+async def client_certificate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The name rules of --tls-client, applied before any handler can open a backend connection
+    (the chain itself was checked in the handshake)."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    why = tls.refusal(request.app[POLICY], cert)
+    if why is not None:
+        log.warning("refused %s on %s (%s): %s",
+                    request.remote, request.app[LISTENER], tls.subject_text(cert), why)
+        raise web.HTTPForbidden(text=f"Client certificate refused: {why}.\n")
+    return await handler(request)
+
+
+def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdrs.STRICT_TRANSPORT_SECURITY] = f"max-age={max_age}"
+
+    return add_header
+
+
+def redirect_to_https(https_port: Callable[[], int]) -> Handler:
+    """The --redirect-port handler: every request goes to the same path over https on -p."""
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        port = https_port()
+        host = request.url.raw_host or "localhost"
+        location = request.url.with_scheme("https").with_host(host)
+        location = location.with_port(None if port == 443 else port)
+        # 301 is what every client follows for GET; 308 keeps the method and body of the rest.
+        status = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else (
+            web.HTTPPermanentRedirect)
+        raise status(location)
+
+    return redirect
+
+
 def build_app(
-    relay: RelaySettings, sessions: Sessions, listener: str, handler: Handler
+    relay: RelaySettings, sessions: Sessions, listener: str, handler: Handler,
+    config: Config | None = None,
 ) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})
+    middlewares = []
+    if config is not None and config.tls and tls.parse_policy(config.tls_client).mode == "require":
+        middlewares.append(client_certificate)
+    app = web.Application(handler_args={"max_field_size": 16384}, middlewares=middlewares)
+    if config is not None:
+        app[POLICY] = tls.parse_policy(config.tls_client)
+        if config.tls and config.hsts > 0:
+            app.on_response_prepare.append(hsts(config.hsts))
     app[RELAY] = relay
     app[SESSIONS] = sessions
     app[LISTENER] = listener
@@ -95,7 +142,8 @@ class Server:
     """The running listeners of one forward process."""
 
     config: Config
-    ssl_context: ssl.SSLContext | None = None
+    # A fixed context, or a callable giving the current one for each new connection (reload).
+    ssl_context: ssl.SSLContext | tls.ContextSource | None = None
     http_handler: Handler = not_found
     sessions: Sessions = field(default_factory=weakref.WeakSet)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
@@ -112,9 +160,13 @@ class Server:
         relay = self.relay_settings()
         apps: dict[str, web.Application] = {}
         if c.http_port > 0:
-            apps["http"] = build_app(relay, self.sessions, "http", http_entry(self.http_handler))
+            apps["http"] = build_app(
+                relay, self.sessions, "http", http_entry(self.http_handler), c)
         if c.ws_port > 0:
-            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only)
+            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, c)
+        if c.redirect_port > 0:
+            apps["redirect"] = build_app(
+                relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http")))
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():
@@ -123,7 +175,7 @@ class Server:
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
-                    site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
+                    site = self._site(runner, sock, name)
                     await site.start()
         except BaseException:
             await self.stop()
@@ -131,6 +183,15 @@ class Server:
         for name, runner in self.runners.items():
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", _show(addr), name)
+
+    def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
+        source = self.ssl_context
+        if source is None or name == "redirect":
+            return web.SockSite(runner, sock)
+        if isinstance(source, ssl.SSLContext):
+            fixed = source
+            source = lambda: fixed  # noqa: E731
+        return tls.TLSSite(runner, sock, source, name)
 
     def port(self, name: str) -> int:
         """The port a listener is bound to ("http" or "ws"), useful after binding port 0."""
@@ -150,7 +211,8 @@ class Server:
 
 def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
     """Bind the configured ports; each failure becomes one clear ConfigError."""
-    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port)]
+    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port),
+            ("redirect", "--redirect-port", config.redirect_port)]
     out: dict[str, list[socket.socket]] = {}
     try:
         for name, flag, port in plan:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, tls
 from .app import Server
 from .config import Config, ConfigError, settings
 from .dispatch import make_http_handler
@@ -82,10 +82,18 @@ def setup_logging(config: Config) -> None:
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    server = Server(config, http_handler=make_http_handler(config))
+    # Key, certificate and CA are loaded before anything is bound; a failure ends the process.
+    contexts = tls.Contexts(config) if config.tls else None
+    server = Server(
+        config,
+        ssl_context=contexts.get if contexts else None,
+        http_handler=make_http_handler(config),
+    )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if contexts is not None:
+        loop.add_signal_handler(signal.SIGHUP, contexts.reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
@@ -100,7 +108,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
 
