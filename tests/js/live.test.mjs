@@ -1,8 +1,12 @@
 // The demo's QAP client against a real Rserve, through a real forward. tests/test_js_client.py
 // starts both and passes the WebSocket URLs: FORWARD_OCAP_URL (Rserve in OCAP mode with
-// demo/init.R) and FORWARD_QAP_URL (classic mode). Node 20 needs --experimental-websocket.
+// demo/init.R) and FORWARD_QAP_URL (classic mode).
+//
+// The browser's WebSocket is global in Node 22, and in Node 20 with --experimental-websocket;
+// Debian 12's Node 18 has none, so there the `ws` package (Debian: node-ws) stands in.
 
 import assert from "node:assert/strict";
+import { createRequire } from "node:module";
 import { test } from "node:test";
 
 import { RserveError, connect } from "../../demo/www/qap.js";
@@ -11,10 +15,23 @@ import { errorMessage, formatR } from "../../demo/www/rformat.js";
 const OCAP_URL = process.env.FORWARD_OCAP_URL;
 const QAP_URL = process.env.FORWARD_QAP_URL;
 const need = (url) => (url ? {} : { skip: "run through tests/test_js_client.py" });
+const WebSocket = globalThis.WebSocket ?? nodeWs();
+
+function nodeWs() {
+  const require = createRequire(import.meta.url);
+  try {
+    return require("ws"); // Debian's node looks in /usr/share/nodejs itself
+  } catch {
+    return require("/usr/share/nodejs/ws");
+  }
+}
 
 test("OCAP: greeting, auth, parseEval, values of every common type", need(OCAP_URL), async () => {
   const oob = [];
-  const session = await connect(OCAP_URL, { onOOB: (v) => oob.push(v.value.map((x) => x.value[0])) });
+  const session = await connect(OCAP_URL, {
+    WebSocket,
+    onOOB: (v) => oob.push(v.value.map((x) => x.value[0])),
+  });
   try {
     assert.equal(session.mode, "ocap");
     assert.deepEqual(session.capabilities.classes, ["OCref"]);
@@ -60,6 +77,7 @@ test("OCAP: greeting, auth, parseEval, values of every common type", need(OCAP_U
 
 test("OCAP: an OOB message is answered by the client and R gets the answer", need(OCAP_URL), async () => {
   const session = await connect(OCAP_URL, {
+    WebSocket,
     onOOBMessage: (value, code) => `${value.value[0]} back (code ${code})`,
   });
   try {
@@ -72,7 +90,7 @@ test("OCAP: an OOB message is answered by the client and R gets the answer", nee
 });
 
 test("OCAP: when R goes away the pending call fails", need(OCAP_URL), async () => {
-  const session = await connect(OCAP_URL);
+  const session = await connect(OCAP_URL, { WebSocket });
   const caps = await session.call(session.capabilities, "mike", "mypwd");
   // quit() ends this session's R process; forward answers for it (ERR_conn_broken) or the
   // session closes — either way the call must not hang or resolve.
@@ -83,7 +101,7 @@ test("OCAP: when R goes away the pending call fails", need(OCAP_URL), async () =
 });
 
 test("classic mode: the text greeting and eval", need(QAP_URL), async () => {
-  const session = await connect(QAP_URL);
+  const session = await connect(QAP_URL, { WebSocket });
   try {
     assert.equal(session.mode, "qap");
     assert.match(session.idString, /^Rsrv0103QAP1/);
