@@ -6,18 +6,25 @@ as condition objects, and printed output / messages arriving as OOB sends before
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from forward.qap import Cmd, Xt
 from forward.rexp import RObj, strings
 
-from .conftest import Rserve, StartForward
+from .conftest import Rserve, StartForward, need_rserve
 from .rclient import RClient
 
-DEMO = Path(__file__).resolve().parent.parent / "demo"
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
 
 pytestmark = pytest.mark.rserve
 
@@ -88,3 +95,59 @@ async def test_errors_come_back_as_conditions_with_output_so_far(
         # An invisible value (the assignment) is not printed.
         assert (await client.call(parse_eval, strings(["x <- 41; x + 1"]))).value == [42.0]
         assert client.oob == []
+
+
+def free_port() -> int:
+    # scripts/demo takes a port number; one is picked here (the demo binds 127.0.0.1 only).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["https", "http"])
+async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_path: Path) -> None:
+    """scripts/demo (the README's run command) as a user runs it, without the install step."""
+    need_rserve()
+    workdir = tmp_path / "demo"
+    args = ["--no-install", "--port", str(free_port())] + (["--plain"] if plain else [])
+    with (tmp_path / "demo.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(ROOT / "scripts" / "demo"), *args,
+            env={**os.environ, "DEMO_DIR": str(workdir)},
+            stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+    try:
+        assert proc.stdout is not None
+        url = ""
+        async with asyncio.timeout(60):
+            while not url:
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"scripts/demo ended early: {(tmp_path / 'demo.log').read_text()}"
+                if line.strip().startswith("Open "):
+                    url = line.split()[1]
+        assert url.startswith("http://" if plain else "https://")
+        ssl_context = None
+        if not plain:
+            # The self-signed certificate the script made is the only thing trusted here.
+            ssl_context = ssl.create_default_context(cafile=str(workdir / "cert.pem"))
+        async with aiohttp.ClientSession() as http, http.get(url, ssl=ssl_context or True) as resp:
+            assert resp.status == 200
+            assert "R in the browser" in await resp.text()
+        ws_url = url.replace("http", "ws", 1)
+        async with await RClient.connect(ws_url, ssl_context=ssl_context) as client:
+            parse_eval = (await login(client)).as_dict()["parseEval"]
+            assert (await client.call(parse_eval, strings(["6 * 7"]))).value == [42.0]
+
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 130
+        # Both are gone: nothing listens on the port or on Rserve's socket.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
+        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+            s.connect(str(workdir / "rserve.sock"))
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            await proc.wait()
