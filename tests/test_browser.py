@@ -45,6 +45,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Containers often have a tiny /dev/shm, where Chromium would otherwise crash its renderers.
+    "--disable-dev-shm-usage",
 ]
 
 pytestmark = pytest.mark.rserve
