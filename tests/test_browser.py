@@ -249,6 +249,13 @@ async def test_demo_page_in_chromium(
             # The session keeps its state between calls (one R process per WebSocket).
             assert (await evaluate("x"))["text"] == "[1] NaN"
 
+            # When the session's R process ends, forward answers for it instead of hanging.
+            broken = ("error", "Rserve: the connection to R is broken")
+            gone = await evaluate('quit(save = "no")')
+            assert (gone["class"], gone["text"]) == broken
+            again = await evaluate("1")
+            assert (again["class"], again["text"]) == broken
+
             ARTIFACTS.mkdir(exist_ok=True)
             shot = ARTIFACTS / f"browser-{'https' if tls else 'http'}.png"
             await page.screenshot(path=str(shot), full_page=True)

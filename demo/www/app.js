@@ -45,7 +45,12 @@ function newEntry(input) {
 }
 
 // OOB sends from demo/init.R (and from Rserve's console.oob option) are list(stream, text).
+// One without a value is forward's notice that it is closing the session.
 function showOOB(value) {
+  if (value === null) {
+    setState("closed", "forward is closing the session.");
+    return;
+  }
   const isConsole =
     value instanceof RValue && value.type === "list" && value.length === 2 &&
     value.value[0].type === "character" && value.value[1].type === "character";
