@@ -296,10 +296,15 @@ export function encodeEval(text, msgId = 0) {
   return concat([encodeHeader(CMD.EVAL, payload.length, msgId), payload]);
 }
 
-/** The answer to an OOB_MSG: sent back with the same cmd and message id. */
-export function encodeOOBReply(cmd, value, msgId) {
+/**
+ * The answer to an OOB_MSG: its command with RESP_OK added (RESP_ERR when the app failed to
+ * produce one), its message id, and the value. Rserve hands the value to self.oobMessage()
+ * either way; the RESP bit tells forward that this is a reply, not a new request.
+ */
+export function encodeOOBReply(cmd, value, msgId, ok = true) {
   const payload = sexpParam(value);
-  return concat([encodeHeader(cmd, payload.length, msgId), payload]);
+  const status = ok ? CMD.RESP_OK : CMD.RESP_ERR;
+  return concat([encodeHeader((cmd | status) >>> 0, payload.length, msgId), payload]);
 }
 
 // ---- decoding ------------------------------------------------------------------------------
@@ -636,13 +641,16 @@ export class Session {
 
   async _answerOOB(message) {
     let answer = null;
+    let ok = true;
     try {
-      answer = this.options.onOOBMessage ? await this.options.onOOBMessage(message.value, message.code) : null;
+      const handler = this.options.onOOBMessage;
+      answer = handler ? await handler(message.value, message.code) : null;
     } catch (err) {
       answer = `error: ${err.message ?? err}`;
+      ok = false;
     }
     // Sent at once, not queued: R is waiting for it inside the call that is still pending.
-    if (!this.closed) this.ws.send(encodeOOBReply(message.cmd, answer, message.msgId));
+    if (!this.closed) this.ws.send(encodeOOBReply(message.cmd, answer, message.msgId, ok));
   }
 
   _greeted() {

@@ -78,12 +78,18 @@ test("OCAP: greeting, auth, parseEval, values of every common type", need(OCAP_U
 test("OCAP: an OOB message is answered by the client and R gets the answer", need(OCAP_URL), async () => {
   const session = await connect(OCAP_URL, {
     WebSocket,
-    onOOBMessage: (value, code) => `${value.value[0]} back (code ${code})`,
+    onOOBMessage: (value, code) => {
+      if (value.value[0] === "fail") throw new Error("no answer");
+      return `${value.value[0]} back (code ${code})`;
+    },
   });
   try {
     const caps = await session.call(session.capabilities, "mike", "mypwd");
-    const answer = await session.call(caps.get("parseEval"), 'self.oobMessage("ping", 3L)');
-    assert.deepEqual(answer.value, ["ping back (code 3)"]);
+    const run = (text) => session.call(caps.get("parseEval"), text);
+    assert.deepEqual((await run('self.oobMessage("ping", 3L)')).value, ["ping back (code 3)"]);
+    // A handler that fails still answers (R must not wait forever), with RESP_ERR and the reason.
+    assert.deepEqual((await run('self.oobMessage("fail")')).value, ["error: no answer"]);
+    assert.deepEqual((await run("1")).value, [1]);
   } finally {
     session.close();
   }

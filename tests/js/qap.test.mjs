@@ -88,9 +88,10 @@ describe("encoding", () => {
     assert.deepEqual(encodeEval("1+1", 2), cat(header(3, 8, 2), bytes(4, 4, 0, 0, 0x31, 0x2b, 0x31, 0)));
   });
 
-  test("an OOB reply keeps the command and message id it answers", () => {
-    const msg = encodeOOBReply(CMD.OOB_MSG | 5, "ok", 9);
-    assert.deepEqual(msg, cat(header(0x22005, 12, 9), bytes(0x0a, 8, 0, 0, 0x22, 4, 0, 0, 0x6f, 0x6b, 0, 1)));
+  test("an OOB reply is the command it answers plus RESP_OK (or RESP_ERR), same message id", () => {
+    const msg = encodeOOBReply(CMD.OOB_MSG | 2, "ok", 9);
+    assert.deepEqual(msg, cat(header(0x32003, 12, 9), bytes(0x0a, 8, 0, 0, 0x22, 4, 0, 0, 0x6f, 0x6b, 0, 1)));
+    assert.deepEqual(encodeOOBReply(CMD.OOB_MSG | 2, "x", 9, false).subarray(0, 4), bytes(...u32(0x32002)));
   });
 
   test("values over 0xfffff0 bytes use the large (8-byte) type header", () => {
@@ -257,6 +258,7 @@ describe("session", () => {
     ws.deliver(sexpMsg(CMD.OOB_MSG | 2, encodeSEXP("q"), 77));
     await new Promise(setImmediate);
     assert.deepEqual(new Uint8Array(ws.sent[1]), encodeOOBReply(CMD.OOB_MSG | 2, "re: q", 77));
+    assert.equal(decodeHeader(ws.sent[1]).cmd, 0x32003);
     ws.deliver(sexpMsg(CMD.RESP_OK, encodeSEXP(null), 1));
     assert.equal((await call).type, "NULL");
   });
