@@ -159,6 +159,7 @@ PRINTED = [
     'list(a = 1, b = list(c = "x"), 3)',
     'factor(c("lo", "hi", "lo"), levels = c("lo", "hi"))',
     "c(0.1 + 0.2, 1e-20, 100)",
+    "seq(-2, 148, by = 0.75)",
     "NULL",
 ]
 

@@ -389,6 +389,7 @@ function decodeAt(bytes, pos) {
   if (xt & XT.HAS_ATTR) {
     xt &= ~XT.HAS_ATTR;
     const [attrs, next] = decodeAt(bytes, start);
+    if (!attrs.names) throw new QAPError("attributes are not a tagged list");
     attributes = Object.fromEntries(attrs.names.map((name, i) => [name, attrs.value[i]]));
     start = next;
   }
@@ -415,6 +416,8 @@ function cString(body) {
 
 function decodeBody(xt, body) {
   const view = viewOf(body);
+  const counted = [XT.ARRAY_BOOL, XT.RAW, XT.UNKNOWN].includes(xt);
+  if (counted && body.length < 4) throw new QAPError("R value too short for its type");
   switch (xt) {
     case XT.NULL:
       return ["NULL", null];

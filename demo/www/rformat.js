@@ -7,6 +7,7 @@
 import { RValue } from "./qap.js";
 
 const WIDTH = 80;
+const MAX_PRINT = 99999; // R's getOption("max.print"): a million numbers would freeze the page
 
 /** The text R would print for `x`. */
 export function formatR(x) {
@@ -34,7 +35,7 @@ function lines(x, prefix) {
     case "logical":
     case "complex":
     case "raw":
-      return x.length ? vectorLines(cells(x), x.names, alignOf(x.type)) : [`${emptyName(x.type)}(0)`];
+      return x.length ? atomicLines(x) : [`${emptyName(x.type)}(0)`];
     case "list":
     case "pairlist":
       return listLines(x, prefix);
@@ -45,6 +46,14 @@ function lines(x, prefix) {
     default:
       return [`<an R object of type ${x.type}>`];
   }
+}
+
+function atomicLines(x) {
+  if (x.length <= MAX_PRINT) return vectorLines(cells(x), x.names, alignOf(x.type));
+  const shown = new RValue(x.type, x.value.slice(0, MAX_PRINT));
+  const out = vectorLines(cells(shown), x.names?.slice(0, MAX_PRINT) ?? null, alignOf(x.type));
+  out.push(` [ reached getOption("max.print") -- omitted ${x.length - MAX_PRINT} entries ]`);
+  return out;
 }
 
 function emptyName(type) {

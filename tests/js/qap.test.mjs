@@ -160,6 +160,9 @@ describe("decoding", () => {
     assert.throws(() => decodeSEXP(bytes(0x22, 8, 0, 0, 0x41, 0)), /past the end/);
     assert.throws(() => decodeSEXP(bytes(0x22, 0, 0, 0, 1)), /stray/);
     assert.throws(() => decodeSEXP(bytes(0x22, 0)), /truncated/);
+    assert.throws(() => decodeSEXP(bytes(0x25, 0, 0, 0)), /too short/);
+    // HAS_ATTR followed by something that is not a tagged list
+    assert.throws(() => decodeSEXP(bytes(0xa2, 8, 0, 0, 0x22, 0, 0, 0, 0x41, 0, 1, 1)), /tagged/);
   });
 });
 

@@ -69,3 +69,11 @@ test("large and small numbers switch to scientific notation", () => {
   assert.equal(formatR(toR([1e5 + 0.1])), "[1] 100000.1");
   assert.equal(formatR(toR([-1.5, 10])), "[1] -1.5 10.0");
 });
+
+test("like R, no more than max.print (99999) entries are shown", () => {
+  const x = ints(...Array.from({ length: 100005 }, (_, i) => i % 10));
+  const lines = formatR(x).split("\n");
+  assert.equal(lines.at(-1), ' [ reached getOption("max.print") -- omitted 6 entries ]');
+  assert.ok(lines[0].startsWith("    [1] 0 1 2"));
+  assert.equal(lines.length, 2779); // as R's print(rep(0:9, length.out = 100005))
+});
