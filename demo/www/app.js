@@ -114,8 +114,10 @@ async function logIn(event) {
 async function submitExpression(event) {
   event.preventDefault();
   const text = $("expr").value.trim();
-  if (!text) return;
   const button = $("eval").querySelector("button");
+  // One evaluation at a time, so that OOB output lands under the expression that caused it
+  // (Enter reaches here even while the button is disabled).
+  if (!text || button.disabled) return;
   button.disabled = true;
   await evaluate(text);
   button.disabled = false;
