@@ -55,7 +55,8 @@ function showOOB(value) {
     value instanceof RValue && value.type === "list" && value.length === 2 &&
     value.value[0].type === "character" && value.value[1].type === "character";
   const stream = isConsole ? value.value[0].value[0] : "oob";
-  const text = isConsole ? value.value[1].value.join("\n") : formatR(value);
+  // console.oob output ends with its newline; the <pre> makes the line break already.
+  const text = isConsole ? value.value[1].value.join("\n").replace(/\n$/, "") : formatR(value);
   const entry = current ?? newEntry(null);
   entry.querySelector(".result").before(pre(`oob ${stream.replace(/\W/g, "-")}`, text));
   if (!current) finish(entry);
