@@ -97,6 +97,20 @@ async def test_errors_come_back_as_conditions_with_output_so_far(
         assert client.oob == []
 
 
+def processes_with(arg: str) -> list[int]:
+    """PIDs of the processes that have `arg` on their command line."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            if arg.encode() in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
 def free_port() -> int:
     # scripts/demo takes a port number; one is picked here (the demo binds 127.0.0.1 only).
     with socket.socket() as s:
@@ -139,15 +153,38 @@ async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_pat
             parse_eval = (await login(client)).as_dict()["parseEval"]
             assert (await client.call(parse_eval, strings(["6 * 7"]))).value == [42.0]
 
+        assert processes_with(str(workdir / "rserve.conf")), "Rserve should be running now"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         async with asyncio.timeout(30):
             assert await proc.wait() == 130
-        # Both are gone: nothing listens on the port or on Rserve's socket.
+        # Both are gone: nothing listens on the port, no Rserve runs with the demo's config.
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
-        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
-            s.connect(str(workdir / "rserve.sock"))
+        assert processes_with(str(workdir / "rserve.conf")) == []
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGTERM)
             await proc.wait()
+
+
+async def test_demo_script_port_in_use_says_so_and_leaves_nothing_running(tmp_path: Path) -> None:
+    need_rserve()
+    workdir = tmp_path / "demo"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            str(ROOT / "scripts" / "demo"), "--no-install", "--plain", "--port", str(port),
+            env={**os.environ, "DEMO_DIR": str(workdir)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert "Address already in use" in err.decode()
+    assert "forward failed to start" in err.decode()
+    assert b"Open " not in out
+    # The Rserve it had started is stopped again.
+    assert processes_with(str(workdir / "rserve.conf")) == []
