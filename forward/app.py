@@ -14,11 +14,21 @@ import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 
 from . import tls
 from .config import Config, ConfigError
+from .guard import (
+    Guard,
+    GuardSettings,
+    HeaderDeadline,
+    IpRule,
+    Refused,
+    parse_ip_rules,
+    parse_networks,
+)
 from .relay import RelaySettings, Session, first_subprotocol
 
 log = logging.getLogger(__name__)
@@ -28,6 +38,8 @@ SESSIONS = web.AppKey("sessions", Sessions)
 RELAY = web.AppKey("relay", RelaySettings)
 LISTENER = web.AppKey("listener", str)
 POLICY = web.AppKey("client_policy", tls.ClientPolicy)
+GUARD = web.AppKey("guard", Guard)
+WS_PING = web.AppKey("ws_ping", float)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,6 +54,18 @@ def is_upgrade(request: web.Request) -> bool:
 
 async def websocket_session(request: web.Request) -> web.StreamResponse:
     app = request.app
+    guard = app[GUARD]
+    client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+    trusted_proxy = client != request.remote
+    host = request.headers.get("X-Forwarded-Host") if trusted_proxy else None
+    scheme = (request.headers.get("X-Forwarded-Proto") if trusted_proxy else None) or (
+        "https" if request.secure else "http"
+    )
+    try:
+        guard.check_origin(request.headers.get(hdrs.ORIGIN), host or request.host, scheme)
+    except Refused as refused:
+        log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
+        raise web.HTTPForbidden(text=f"Forbidden: {refused.reason}.\n") from None
     ws = web.WebSocketResponse(
         protocols=first_subprotocol(request),
         # Rserve -> browser frames are written by the relay; browser -> Rserve messages are
@@ -49,15 +73,51 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         max_msg_size=app[RELAY].max_message_size,
         compress=False,
         autoping=True,
+        heartbeat=app[WS_PING] or None,
     )
-    await ws.prepare(request)
-    session = Session(request, ws, app[RELAY], f"{request.remote} on {app[LISTENER]}")
-    app[SESSIONS].add(session)
     try:
-        await session.run()
+        guard.admit(client)
+    except Refused as refused:
+        # After the upgrade, so that the browser sees the reason (a failed handshake hides it).
+        log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
+        await ws.prepare(request)
+        await ws.close(code=1013, message=f"{refused.reason}; try again later".encode())
+        return ws
+    try:
+        await ws.prepare(request)
+        session = Session(request, ws, app[RELAY], f"{client} on {app[LISTENER]}")
+        app[SESSIONS].add(session)
+        try:
+            await session.run()
+        finally:
+            app[SESSIONS].discard(session)
     finally:
-        app[SESSIONS].discard(session)
+        guard.release(client)
     return ws
+
+
+@web.middleware
+async def ip_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = request.app[GUARD]
+    client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+    try:
+        guard.check_address(client)
+    except Refused as refused:
+        log.warning("refused %s %s: %s", request.method, request.path, refused.reason)
+        raise web.HTTPForbidden(text="Forbidden.\n") from None
+    return await handler(request)
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections must send a complete request header in time."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return cast(web.Server, HeaderDeadline(server, self._header_timeout))
 
 
 async def ws_only(request: web.Request) -> web.StreamResponse:
@@ -119,13 +179,21 @@ def redirect_to_https(https_port: Callable[[], int]) -> Handler:
 
 
 def build_app(
-    relay: RelaySettings, sessions: Sessions, listener: str, handler: Handler,
+    relay: RelaySettings,
+    sessions: Sessions,
+    listener: str,
+    handler: Handler,
+    guard: Guard | None = None,
+    ws_ping: float = 0.0,
     config: Config | None = None,
 ) -> web.Application:
-    middlewares = []
+    guard = guard or Guard(GuardSettings())
+    middlewares = [ip_rules] if guard.settings.ip_rules else []
     if config is not None and config.tls and tls.parse_policy(config.tls_client).mode == "require":
         middlewares.append(client_certificate)
     app = web.Application(handler_args={"max_field_size": 16384}, middlewares=middlewares)
+    app[GUARD] = guard
+    app[WS_PING] = ws_ping
     if config is not None:
         app[POLICY] = tls.parse_policy(config.tls_client)
         if config.tls and config.hsts > 0:
@@ -150,7 +218,30 @@ class Server:
 
     def relay_settings(self) -> RelaySettings:
         c = self.config
-        return RelaySettings(c.socket, c.heartbeat, c.max_message_size, c.backend_timeout)
+        return RelaySettings(
+            c.socket,
+            c.heartbeat,
+            c.max_message_size,
+            c.backend_timeout,
+            c.max_result_size,
+            c.idle_timeout,
+            c.max_lifetime,
+        )
+
+    def guard(self) -> Guard:
+        c = self.config
+        rules: tuple[IpRule, ...] = ()
+        if c.ip_rules:
+            try:
+                with open(c.ip_rules, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
+            rules = parse_ip_rules(text, c.ip_rules)
+        trusted = parse_networks(getattr(c, "trusted_proxy", ()))
+        return Guard(
+            GuardSettings(c.allow_origin, rules, trusted, c.max_sessions, c.max_sessions_per_client)
+        )
 
     async def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
         """Serve on every listener or on none: a bind failure stops what was started and raises
@@ -158,12 +249,14 @@ class Server:
         tests pass sockets bound to port 0, a supervisor passes inherited ones."""
         c = self.config
         relay = self.relay_settings()
+        guard = self.guard()
         apps: dict[str, web.Application] = {}
         if c.http_port > 0:
+            entry = http_entry(self.http_handler)
             apps["http"] = build_app(
-                relay, self.sessions, "http", http_entry(self.http_handler), c)
+                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c)
         if c.ws_port > 0:
-            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, c)
+            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c)
         if c.redirect_port > 0:
             apps["redirect"] = build_app(
                 relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http")))
@@ -171,7 +264,13 @@ class Server:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():
                 app.on_shutdown.append(self._close_sessions)
-                runner = web.AppRunner(app, access_log=None, shutdown_timeout=c.shutdown_timeout)
+                runner: web.AppRunner = GuardedRunner(
+                    app,
+                    header_timeout=c.header_timeout,
+                    keepalive_timeout=c.keepalive_timeout,
+                    access_log=None,
+                    shutdown_timeout=c.shutdown_timeout,
+                )
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
@@ -205,8 +304,8 @@ class Server:
         # AppRunner.cleanup closes the listeners first, then runs on_shutdown (which closes the
         # sessions), then waits up to shutdown_timeout for handlers before cancelling them.
         runners, self.runners = self.runners, {}
-        for runner in reversed(runners.values()):
-            await runner.cleanup()
+        for old in reversed(runners.values()):
+            await old.cleanup()
 
 
 def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:

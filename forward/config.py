@@ -145,7 +145,77 @@ class Config:
         256 * 1024 * 1024,
         "--max-message-size",
         metavar="BYTES",
-        help="largest QAP message a browser may send to R (default 256 MiB; 0: no limit)",
+        help="largest QAP message a browser may send to R, and largest answer R may give to a "
+        ".R request (default 256 MiB; 0: no limit)",
+    )
+    max_result_size: int = _opt(
+        0,
+        "--max-result-size",
+        metavar="BYTES",
+        help="largest QAP message R may send to a browser; a larger one closes the session "
+        "with 1009 (default 0: no limit; results are streamed, not held in memory)",
+    )
+    allow_origin: tuple[str, ...] = _opt(
+        (),
+        "--allow-origin",
+        metavar="ORIGIN",
+        action="append",
+        help="a browser Origin allowed to open sessions besides the server's own: a host "
+        "name where * matches anything (*.example.com), a full https://host[:port], or * for "
+        "any; repeatable (default: only same-origin pages)",
+    )
+    ip_rules: str | None = _opt(
+        None,
+        "--ip-rules",
+        metavar="FILE",
+        help="ordered 'allow|deny ADDRESS|CIDR|all' lines, first match wins (RStudio's "
+        "ip-rules format); a denied address gets 403",
+    )
+    max_sessions: int = _opt(
+        10000,
+        "--max-sessions",
+        metavar="N",
+        help="open WebSocket sessions in total; more are closed with 1013 (default 10000; 0: "
+        "no limit)",
+    )
+    max_sessions_per_client: int = _opt(
+        256,
+        "--max-sessions-per-client",
+        metavar="N",
+        help="open sessions per client address (default 256; 0: no limit)",
+    )
+    header_timeout: float = _opt(
+        10.0,
+        "--header-timeout",
+        metavar="SECONDS",
+        help="a new connection must complete its TLS handshake and first request header "
+        "within this time (slowloris; default 10)",
+    )
+    keepalive_timeout: float = _opt(
+        75.0,
+        "--keepalive-timeout",
+        metavar="SECONDS",
+        help="idle time before an HTTP keep-alive connection is closed (default 75)",
+    )
+    ws_ping: float = _opt(
+        30.0,
+        "--ws-ping",
+        metavar="SECONDS",
+        help="WebSocket ping interval; a peer that does not answer within half of it is "
+        "dropped (default 30, under the 60 s idle timeout of common proxies; 0: off)",
+    )
+    idle_timeout: float = _opt(
+        0.0,
+        "--idle-timeout",
+        metavar="SECONDS",
+        help="close a session after this long without a message either way; heartbeats do "
+        "not count (default 0: off)",
+    )
+    max_lifetime: float = _opt(
+        0.0,
+        "--max-lifetime",
+        metavar="SECONDS",
+        help="close any session this long after it opened (default 0: off)",
     )
     backend_timeout: float = _opt(
         10.0,
@@ -240,6 +310,22 @@ class Config:
                 raise ConfigError(
                     f"--trusted-proxy {proxy}: not an IP address or network"
                 ) from None
+        for name in ("max_result_size", "max_sessions", "max_sessions_per_client"):
+            if getattr(self, name) < 0:
+                flag = _field(name).metadata["flags"][0]
+                raise ConfigError(f"{flag} must be 0 (no limit) or a positive number")
+        for name in (
+            "header_timeout",
+            "keepalive_timeout",
+            "ws_ping",
+            "idle_timeout",
+            "max_lifetime",
+            "backend_timeout",
+            "shutdown_timeout",
+        ):
+            if getattr(self, name) < 0:
+                flag = _field(name).metadata["flags"][0]
+                raise ConfigError(f"{flag} must not be negative")
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         return self

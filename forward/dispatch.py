@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .app import Handler
 from .config import Config, ConfigError
+from .rscript import RScripts, is_rscript
 from .static import DocRoot, Refusal, StaticFiles, parse_target
 
 
@@ -22,10 +23,13 @@ def make_http_handler(config: Config) -> Handler:
     except OSError:
         raise ConfigError(f"-r {config.doc_root}: not a directory") from None
     static = StaticFiles(docroot)
+    rscripts = RScripts.from_config(config, docroot)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             target = parse_target(request.raw_path)
+            if is_rscript(target.path):
+                return await rscripts.handle(request, target)
             return await static.handle(request, target)
         except Refusal as refusal:
             return refusal.response()

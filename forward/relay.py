@@ -49,6 +49,9 @@ class RelaySettings:
     heartbeat: float
     max_message_size: int
     backend_timeout: float
+    max_result_size: int = 0
+    idle_timeout: float = 0.0
+    max_lifetime: float = 0.0
 
 
 class _Backend(asyncio.Protocol):
@@ -112,13 +115,15 @@ class Session:
         self._ws = ws
         self._settings = settings
         limit = settings.max_message_size or None
-        self._server = qap.ServerStream()
+        self._server = qap.ServerStream(settings.max_result_size or None)
         self._client = qap.ClientStream(limit)
         self._backend: _Backend | None = None
         self._backend_alive = False
         self._reading_paused = False
         self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._last_activity = 0.0
         self._closer: asyncio.Task[bool] | None = None
         self._resumer: asyncio.Task[None] | None = None
         self._started = time.monotonic()
@@ -149,8 +154,15 @@ class Session:
             return
         self._backend, self._backend_alive = backend, True
         log.info("session %d from %s opened", self.id, self.label)
-        if self._settings.heartbeat > 0:
-            self._heartbeat = loop.call_later(self._settings.heartbeat, self._beat)
+        settings = self._settings
+        self._last_activity = loop.time()
+        if settings.heartbeat > 0:
+            self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
+        self._timers.append(loop.call_later(settings.backend_timeout, self._check_greeting))
+        if settings.idle_timeout > 0:
+            self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
+        if settings.max_lifetime > 0:
+            self._timers.append(loop.call_later(settings.max_lifetime, self._expire))
         try:
             await self._from_browser()
         except asyncio.CancelledError:
@@ -180,6 +192,8 @@ class Session:
     def _finish(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for timer in self._timers:
+            timer.cancel()
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None:
             backend.transport.close()
@@ -208,7 +222,30 @@ class Session:
 
     # -- browser -> Rserve -------------------------------------------------------------------
 
+    def _check_greeting(self) -> None:
+        if self._server.mode is None and self._backend_alive:
+            why = f"Rserve sent no greeting within {self._settings.backend_timeout:g} s"
+            log.warning("session %d from %s: %s", self.id, self.label, why)
+            self._lose_backend()
+            self.close(1011, why)
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_activity
+        timeout = self._settings.idle_timeout
+        if quiet >= timeout:
+            log.info("session %d from %s: idle for %.0f s", self.id, self.label, quiet)
+            self.close(1001, f"session idle for {timeout:g} s", notice=True)
+        else:
+            self._timers.append(loop.call_later(timeout - quiet, self._check_idle))
+
+    def _expire(self) -> None:
+        limit = self._settings.max_lifetime
+        log.info("session %d from %s: lifetime of %g s reached", self.id, self.label, limit)
+        self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
+
     def _to_backend(self, data: bytes) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
         backend = self._backend if self._backend_alive else None
         out: list[bytes | memoryview] = []
         try:
@@ -243,6 +280,7 @@ class Session:
 
     def from_backend(self, data: bytes) -> None:
         self.bytes_from_r += len(data)
+        self._last_activity = asyncio.get_running_loop().time()
         transport = self._request.transport
         if transport is None or transport.is_closing():
             return
@@ -262,6 +300,12 @@ class Session:
                     self._answered()
                 opcode = Opcode.BINARY if item.first else Opcode.CONTINUATION
                 self._write_frame(opcode, item.data, item.last)
+        except qap.MessageTooLarge as exc:
+            reason = f"R's answer is too large: {exc.reason}"
+            log.warning("session %d from %s: %s", self.id, self.label, reason)
+            self._lose_backend()
+            self.close(exc.close_code, reason)
+            return
         except qap.QAPError as exc:
             log.warning("session %d from %s: %s", self.id, self.label, exc.reason)
             self._lose_backend()

@@ -48,7 +48,21 @@ class RObj:
         return {n: v for n, v in zip(names, self.value, strict=False) if n}
 
 
+@dataclass(frozen=True, slots=True)
+class Verbatim:
+    """An R value already in wire form, passed on byte for byte by `encode` (an OCAP capability
+    exactly as Rserve sent it: re-encoding it could change its padding or length form)."""
+
+    data: bytes
+
+
 # -- parameter (DT_*) level ----------------------------------------------------------------------
+
+
+def item_header(kind: int, length: int, large_flag: int) -> bytes:
+    """The 4-byte header of a parameter or value, or 8 bytes with `large_flag` for lengths that
+    do not fit in 24 bits."""
+    return _head(kind, length, large_flag)
 
 
 def _head(kind: int, length: int, large_flag: int) -> bytes:
@@ -175,7 +189,9 @@ def _body(kind: int, body: memoryview) -> Any:
     return bytes(body)  # closures, S4, complex...: kept opaque
 
 
-def encode(obj: RObj) -> bytes:
+def encode(obj: RObj | Verbatim) -> bytes:
+    if isinstance(obj, Verbatim):
+        return obj.data
     kind = obj.xt
     attr = b""
     if obj.attrs:
@@ -227,7 +243,7 @@ def doubles(values: Sequence[float | None]) -> RObj:
     return RObj(Xt.ARRAY_DOUBLE, list(values))
 
 
-def call(*items: RObj) -> RObj:
+def call(*items: RObj | Verbatim) -> RObj:
     """An unnamed call: the function (or an OCAP reference) followed by its arguments."""
     return RObj(Xt.LANG_NOTAG, list(items))
 

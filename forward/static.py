@@ -17,21 +17,25 @@ the thread hop aiohttp's own stat takes, and the static path is the one that mus
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 
 log = logging.getLogger(__name__)
 
 
 class Refusal(Exception):
-    """A request answered with an HTTP error; `text` is the short body the client gets."""
+    """A request answered without a file or R: an HTTP error (or the directory redirect);
+    `text` is the short body the client gets. Converted to a response in one place
+    (dispatch.py)."""
 
     def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(text)
@@ -91,6 +95,7 @@ INDEX = "index.html"
 # Precompressed siblings in order of preference, with the token a client must accept.
 ENCODINGS = ((".br", "br"), (".gz", "gzip"))
 STATIC_METHODS = ("GET", "HEAD")
+SMALL_FILE = 64 * 1024
 
 
 def content_type(name: str) -> str:
@@ -157,8 +162,11 @@ def parse_target(raw: str) -> Target:
         if not seg:
             continue
         if seg in (b".", b"..") or b"/" in seg or _bad_byte(seg):
-            raise Refusal(403, "Forbidden: the path leaves the document root or holds "
-                               "characters that are not allowed.")
+            raise Refusal(
+                403,
+                "Forbidden: the path leaves the document root or holds "
+                "characters that are not allowed.",
+            )
         segments.append(os.fsdecode(seg))
     return Target(b"/".join(decoded), tuple(segments), raw_path.endswith("/"), query)
 
@@ -197,13 +205,16 @@ class DocRoot:
     def walk(self, segments: tuple[str, ...]) -> tuple[str, os.stat_result]:
         """The path and stat of `segments` below the root; FileNotFoundError/NotADirectoryError
         when a component is missing."""
+        if not segments:
+            return self.root, os.stat(self.root)
         path = self.root
-        st = os.stat(path)
+        st: os.stat_result | None = None  # the root is a directory: checked at start-up
         for seg in segments:
-            if not stat.S_ISDIR(st.st_mode):
+            if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(path)
             path = os.path.join(path, seg)
             st = self._step(path)
+        assert st is not None
         return path, st
 
     def resolve(self, target: Target) -> tuple[str, os.stat_result]:
@@ -234,8 +245,9 @@ class DocRoot:
         return path, st
 
 
-def sibling(path: str, st: os.stat_result, accept_encoding: str) -> tuple[str, os.stat_result,
-                                                                          str | None]:
+def sibling(
+    path: str, st: os.stat_result, accept_encoding: str
+) -> tuple[str, os.stat_result, str | None]:
     """The precompressed sibling to send instead of `path`, if the client takes it and it is a
     regular file (not a symlink) at least as new as the file; else the file itself."""
     if accept_encoding:
@@ -270,6 +282,19 @@ class StaticFile(web.FileResponse):
     ) -> tuple[Path | None, os.stat_result, str | None]:
         return self._resolved
 
+    async def _sendfile_fallback(
+        self, writer: AbstractStreamWriter, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        # uvloop has no loop.sendfile, so every file takes this path, which reads each chunk in
+        # a worker thread. A small file is one read from the page cache: doing it here saves a
+        # thread round trip per request (the static path's main cost).
+        if count > SMALL_FILE:
+            return await super()._sendfile_fallback(writer, fobj, offset, count)
+        fobj.seek(offset)
+        await writer.write(fobj.read(count))
+        await writer.drain()
+        return writer
+
     @property
     def last_modified(self) -> Any:
         return super().last_modified
@@ -279,7 +304,8 @@ class StaticFile(web.FileResponse):
         # A file stamped in the future (clock skew, a tarball) would otherwise stay "fresh" in
         # caches until that date; the C forward clamps to now as well.
         if isinstance(value, int | float):
-            value = min(value, time.time())
+            # floor: aiohttp rounds the stamp up to a whole second.
+            value = min(value, math.floor(time.time()))
         web.FileResponse.last_modified.fset(self, value)  # type: ignore[attr-defined]
 
 
@@ -297,9 +323,7 @@ class StaticFiles:
                 {hdrs.ALLOW: ", ".join(STATIC_METHODS)},
             )
         path, st = self.docroot.resolve(target)
-        served, sst, encoding = sibling(
-            path, st, request.headers.get(hdrs.ACCEPT_ENCODING, "")
-        )
+        served, sst, encoding = sibling(path, st, request.headers.get(hdrs.ACCEPT_ENCODING, ""))
         headers: dict[str, str] = {
             hdrs.CONTENT_TYPE: content_type(path),
             hdrs.CACHE_CONTROL: "no-cache",

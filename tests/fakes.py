@@ -25,10 +25,12 @@ async def echo(
     writer.write(ID_STRING)
     framer = ClientStream()
     received = bytearray()
-    fake.received.append(received)
+    if fake.record:
+        fake.received.append(received)
     pending: dict[int, bytearray] = {}
     while data := await reader.read(65536):
-        received += data
+        if fake.record:
+            received += data
         for chunk in framer.feed(data):
             body = pending.setdefault(id(chunk.header), bytearray())
             body += chunk.data[16:] if chunk.first else chunk.data
@@ -44,9 +46,11 @@ async def echo(
 class FakeRserve:
     path: Path
     behaviour: Behaviour = echo
+    record: bool = True  # keep every byte received, for byte-exact checks
     received: list[bytearray] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
     connections: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> FakeRserve:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -57,6 +61,7 @@ class FakeRserve:
                 pass
             finally:
                 w.close()
+                self.closed.set()
 
         self.server = await asyncio.start_unix_server(handle, str(self.path))
         return self

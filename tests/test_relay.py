@@ -352,3 +352,81 @@ async def test_shutdown_sends_notice_and_going_away(
         await stopping
     finally:
         await fake.stop()
+
+
+async def test_stalled_backend_without_greeting_is_given_up(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    async def stalls(r: asyncio.StreamReader, w: asyncio.StreamWriter, _: FakeRserve) -> None:
+        await r.read()
+
+    fake = await FakeRserve(tmp_path / "stall.sock", stalls).start()
+    fwd = await start_forward(fake.path, backend_timeout=0.3)
+    try:
+        async with aiohttp.ClientSession() as s, s.ws_connect(fwd.url("ws")) as ws:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1011 and "no greeting within 0.3 s" in msg.extra
+        await asyncio.wait_for(fake.closed.wait(), 10)
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.rserve
+async def test_r_killed_while_sending_a_large_result(
+    fresh_rserve: type[Rserve], start_forward: StartForward
+) -> None:
+    r = fresh_rserve()  # type: ignore[call-arg]
+    fwd = await start_forward(r.socket)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        pid = int((await c.eval("Sys.getpid()")).value[0])
+        # R sends a 400 MB answer; once part of it went through forward, R is killed.
+        await c.send(Cmd.EVAL, rexp.string_param("raw(4e8)"), msg_id=1)
+        (session,) = fwd.server.sessions
+        while session.bytes_from_r < 2**20:  # noqa: ASYNC110 - a counter, no event to wait on
+            await asyncio.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        msg = await c.ws.receive()
+        # The truncated message is never delivered as if it were whole.
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert c.ws.close_code == 1011 and "middle of a message" in msg.extra
+
+
+async def test_backend_socket_recreated_serves_new_sessions(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    path = tmp_path / "r.sock"
+    fake = await FakeRserve(path).start()
+    fwd = await start_forward(path)
+    async with await RClient.connect(fwd.url("ws")) as c:
+        await c.send(Cmd.EVAL, b"one", msg_id=1)
+        assert (await c.response()).payload == b"one"
+    await fake.stop()
+    path.unlink(missing_ok=True)
+    fake = await FakeRserve(path).start()  # "Rserve restarted"
+    try:
+        async with await RClient.connect(fwd.url("ws")) as c:
+            await c.send(Cmd.EVAL, b"two", msg_id=2)
+            assert (await c.response()).payload == b"two"
+    finally:
+        await fake.stop()
+
+
+async def test_browser_gone_mid_message_ends_the_r_side(
+    tmp_path: Path, start_forward: StartForward
+) -> None:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    fwd = await start_forward(fake.path)
+    try:
+        c = await RClient.connect(fwd.url("ws"))
+        await c.ws.send_bytes(Header(Cmd.EVAL, 1000, 1).encode() + b"half")
+        transport = c.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.abort()  # no close handshake: the network went away
+        await c.session.close()
+        await asyncio.wait_for(fake.closed.wait(), 10)
+        async with await RClient.connect(fwd.url("ws")) as c2:
+            await c2.send(Cmd.EVAL, b"still here", msg_id=2)
+            assert (await c2.response()).payload == b"still here"
+    finally:
+        await fake.stop()

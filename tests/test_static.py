@@ -171,9 +171,39 @@ async def test_follow_symlinks_option(tree: Path, start_forward: StartForward) -
 
 
 PIECES = [
-    "..", ".", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\", "/", "//", "%", "%25", "%00",
-    "%0a", "sub", "up", "empty", "hello.txt", "index.html", "link_in", "link_out", "dir_out",
-    "outside", "secret.txt", "loop", "a", ";", "?", "#", "%3f", "~", "%c0%ae",
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "\\",
+    "/",
+    "//",
+    "%",
+    "%25",
+    "%00",
+    "%0a",
+    "sub",
+    "up",
+    "empty",
+    "hello.txt",
+    "index.html",
+    "link_in",
+    "link_out",
+    "dir_out",
+    "outside",
+    "secret.txt",
+    "loop",
+    "a",
+    ";",
+    "?",
+    "#",
+    "%3f",
+    "~",
+    "%c0%ae",
 ]
 
 
@@ -238,9 +268,7 @@ async def test_missing_is_404_with_text(tree: Path, start_forward: StartForward)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
-async def test_other_methods_are_405(
-    tree: Path, start_forward: StartForward, method: str
-) -> None:
+async def test_other_methods_are_405(tree: Path, start_forward: StartForward, method: str) -> None:
     fwd = await serve(start_forward, tree)
     async with aiohttp.ClientSession() as s, s.request(method, fwd.http_url("/hello.txt")) as r:
         assert r.status == 405
@@ -259,6 +287,9 @@ async def test_head(tree: Path, start_forward: StartForward) -> None:
 
 
 async def test_conditional_get(tree: Path, start_forward: StartForward) -> None:
+    # A file changed in this very second is never "not modified": its stamp is rounded.
+    past = time.time() - 100
+    os.utime(tree / "hello.txt", (past, past))
     fwd = await serve(start_forward, tree)
     url = fwd.http_url("/hello.txt")
     async with aiohttp.ClientSession() as s:
@@ -274,6 +305,20 @@ async def test_conditional_get(tree: Path, start_forward: StartForward) -> None:
             assert r.status == 200 and await r.text() == "hello world\n"
         async with s.get(url, headers={"If-None-Match": '"other"'}) as r:
             assert r.status == 200
+
+
+async def test_just_modified_file_is_not_304(tree: Path, start_forward: StartForward) -> None:
+    (tree / "fresh.txt").write_text("new")
+    fwd = await serve(start_forward, tree)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(fwd.http_url("/fresh.txt")) as r:
+            modified = r.headers["Last-Modified"]
+            stamp = email.utils.parsedate_to_datetime(modified).timestamp()
+            assert stamp <= time.time()
+        async with s.get(fwd.http_url("/fresh.txt"), headers={"If-Modified-Since": modified}) as r:
+            assert r.status in (200, 304)
+            if stamp < (tree / "fresh.txt").stat().st_mtime:
+                assert r.status == 200  # the rounded-down stamp must not hide the change
 
 
 async def test_last_modified_never_in_future(tree: Path, start_forward: StartForward) -> None:
@@ -298,6 +343,19 @@ async def test_range(tree: Path, start_forward: StartForward) -> None:
             assert r.status == 206 and await r.read() == bytes(range(252, 256))
         async with s.get(url, headers={"Range": "bytes=5000-"}) as r:
             assert r.status == 416
+
+
+async def test_large_file(tree: Path, start_forward: StartForward) -> None:
+    # Past the small-file size, chunks are read in a worker thread (aiohttp's own path).
+    data = os.urandom(1_000_003)
+    (tree / "large.bin").write_bytes(data)
+    fwd = await serve(start_forward, tree)
+    url = fwd.http_url("/large.bin")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            assert await r.read() == data
+        async with s.get(url, headers={"Range": "bytes=100000-899999"}) as r:
+            assert r.status == 206 and await r.read() == data[100000:900000]
 
 
 async def test_precompressed_siblings(tree: Path, start_forward: StartForward) -> None:
