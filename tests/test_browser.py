@@ -207,6 +207,8 @@ async def test_demo_page_in_chromium(
             await page.fill("#password", "mypwd")
             await page.click("#login button")
             await page.wait_for_selector("body[data-state=ready]")
+            status = await page.text_content("#status")
+            assert status == f"Logged in as mike over {ws_url}; R is ready."
             assert await page.is_hidden("#login") and await page.is_visible("#expr")
 
             async def evaluate(expr: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import { errorMessage, formatR } from "./rformat.js";
 const $ = (id) => document.getElementById(id);
 
 let session = null;
+let sessionURL = "";
 let parseEval = null;
 let current = null; // the transcript entry that OOB output belongs to
 
@@ -102,7 +103,7 @@ async function logIn(event) {
     parseEval = answer.get("parseEval");
     $("login").hidden = true;
     $("console").hidden = false;
-    setState("ready", `Logged in as ${$("user").value}; R is ready.`);
+    setState("ready", `Logged in as ${$("user").value} over ${sessionURL}; R is ready.`);
     $("expr").focus();
   } catch (err) {
     $("login-error").textContent = err.message;
@@ -135,6 +136,7 @@ async function main() {
     }
   });
   const url = websocketURL();
+  sessionURL = url;
   try {
     session = await connect(url, {
       onOOB: showOOB,
