@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from aiohttp import hdrs, web
 
-from . import accesslog, health
+from . import accesslog, health, tls
 from .config import Config, ConfigError
 from .guard import (
     Guard,
@@ -71,6 +71,7 @@ class Sessions(set[Session]):
 SESSIONS = web.AppKey("sessions", Sessions)
 RELAY = web.AppKey("relay", RelaySettings)
 LISTENER = web.AppKey("listener", str)
+POLICY = web.AppKey("client_policy", tls.ClientPolicy)
 GUARD = web.AppKey("guard", Guard)
 WS_PING = web.AppKey("ws_ping", float)
 
@@ -180,6 +181,43 @@ async def not_found(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="Not found.\n")
 
 
+@web.middleware
+async def client_certificate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The name rules of --tls-client, applied before any handler can open a backend connection
+    (the chain itself was checked in the handshake)."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    why = tls.refusal(request.app[POLICY], cert)
+    if why is not None:
+        log.warning("refused %s on %s (%s): %s",
+                    request.remote, request.app[LISTENER], tls.subject_text(cert), why)
+        raise web.HTTPForbidden(text=f"Client certificate refused: {why}.\n")
+    return await handler(request)
+
+
+def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdrs.STRICT_TRANSPORT_SECURITY] = f"max-age={max_age}"
+
+    return add_header
+
+
+def redirect_to_https(https_port: Callable[[], int]) -> Handler:
+    """The --redirect-port handler: every request goes to the same path over https on -p."""
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        port = https_port()
+        host = request.url.raw_host or "localhost"
+        location = request.url.with_scheme("https").with_host(host)
+        location = location.with_port(None if port == 443 else port)
+        # 301 is what every client follows for GET; 308 keeps the method and body of the rest.
+        status = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else (
+            web.HTTPPermanentRedirect)
+        raise status(location)
+
+    return redirect
+
+
 def build_app(
     relay: RelaySettings,
     sessions: Sessions,
@@ -187,12 +225,19 @@ def build_app(
     handler: Handler,
     guard: Guard | None = None,
     ws_ping: float = 0.0,
+    config: Config | None = None,
 ) -> web.Application:
     guard = guard or Guard(GuardSettings())
     middlewares = [ip_rules] if guard.settings.ip_rules else []
+    if config is not None and config.tls and tls.parse_policy(config.tls_client).mode == "require":
+        middlewares.append(client_certificate)
     app = web.Application(handler_args={"max_field_size": 16384}, middlewares=middlewares)
     app[GUARD] = guard
     app[WS_PING] = ws_ping
+    if config is not None:
+        app[POLICY] = tls.parse_policy(config.tls_client)
+        if config.tls and config.hsts > 0:
+            app.on_response_prepare.append(hsts(config.hsts))
     app[RELAY] = relay
     app[SESSIONS] = sessions
     app[LISTENER] = listener
@@ -205,7 +250,8 @@ class Server:
     """The running listeners of one forward process."""
 
     config: Config
-    ssl_context: ssl.SSLContext | None = None
+    # A fixed context, or a callable giving the current one for each new connection (reload).
+    ssl_context: ssl.SSLContext | tls.ContextSource | None = None
     http_handler: Handler = not_found
     sessions: Sessions = field(default_factory=Sessions)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
@@ -252,17 +298,24 @@ class Server:
         apps: dict[str, web.Application] = {}
         if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
-            apps["http"] = build_app(relay, self.sessions, "http", entry, guard, c.ws_ping)
+            apps["http"] = build_app(
+                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c)
         if c.ws_port > 0:
-            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, guard, c.ws_ping)
+            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c)
+        if c.redirect_port > 0:
+            apps["redirect"] = build_app(
+                relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http")))
         for app in apps.values():
             app[accesslog.STATS_ROW] = relay.stats
             app[accesslog.GUARD] = guard
         if c.admin_port > 0:
             admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
-        if self.ssl_context is not None:
-            health.count_tls_failures(self.ssl_context, relay.stats)
+        stats_row = relay.stats
+        if isinstance(self.ssl_context, ssl.SSLContext):
+            health.count_tls_failures(self.ssl_context, stats_row)
+        elif isinstance(self.ssl_context, tls.Contexts):
+            self.ssl_context.on_build(lambda ctx: health.count_tls_failures(ctx, stats_row))
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():
@@ -280,7 +333,7 @@ class Server:
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
-                    site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
+                    site = self._site(runner, sock, name)
                     await site.start()
         except BaseException:
             await self.stop()
@@ -288,6 +341,17 @@ class Server:
         for name, runner in self.runners.items():
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", _show(addr), name)
+
+    def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
+        source = self.ssl_context
+        # The admin port (probes, Prometheus on 127.0.0.1), the redirect port and the unix
+        # socket (nginx or a sidecar on the same host) stay plain; -p and -w are TLS-only.
+        if source is None or name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
+            return web.SockSite(runner, sock)
+        if isinstance(source, ssl.SSLContext):
+            fixed = source
+            source = lambda: fixed  # noqa: E731
+        return tls.TLSSite(runner, sock, source, name)
 
     def port(self, name: str) -> int:
         """The port a listener is bound to ("http" or "ws"), useful after binding port 0."""
@@ -354,7 +418,8 @@ def bind_listeners(
     """Bind the configured ports; each failure becomes one clear ConfigError. --workers binds
     the TCP ports once per worker with SO_REUSEPORT (`tcp_only` for all but the first), so that
     the kernel spreads connections over the workers."""
-    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port)]
+    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port),
+            ("redirect", "--redirect-port", config.redirect_port)]
     out: dict[str, list[socket.socket]] = {}
     try:
         for name, flag, port in plan:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__, configfile, daemon, ulog
+from . import __version__, configfile, daemon, tls, ulog
 from .app import Server, unlink_unix
 from .config import Config, ConfigError, settings
 from .dispatch import make_http_handler
@@ -123,7 +123,15 @@ async def serve(
 ) -> None:
     """Run one forward process until SIGTERM/SIGINT. A --workers child passes the listeners and
     counters its parent made and `manage=False`: the parent does -S, the PID file and systemd."""
-    server = Server(config, http_handler=make_http_handler(config), stats=stats or Stats(), row=row)
+    # Key, certificate and CA are loaded before anything is bound; a failure ends the process.
+    contexts = tls.Contexts(config) if config.tls else None
+    server = Server(
+        config,
+        ssl_context=contexts,
+        http_handler=make_http_handler(config),
+        stats=stats or Stats(),
+        row=row,
+    )
     pid_file = daemon.PidFile(config.pid_file if manage else None)
     try:
         pid_file.write()
@@ -139,6 +147,8 @@ async def serve(
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if contexts is not None:
+        loop.add_signal_handler(signal.SIGHUP, contexts.reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
@@ -164,7 +174,7 @@ async def serve(
             deleted = True
         await _drain(server, config.drain_timeout, stop)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         try:
             await server.stop()

@@ -74,6 +74,42 @@ class Config:
         metavar="FILE",
         help="CA chain (PEM): sent after the certificate, trust store for client certificates",
     )
+    tls_client: tuple[str, ...] = _opt(
+        (),
+        "--tls-client",
+        metavar="POLICY",
+        action="append",
+        help="client certificates, as Rserve's tls.client: none (default), request, require, "
+        "match:NAME[,NAME...], prefix:TEXT, suffix:TEXT; repeatable, name rules are or-ed "
+        "and imply require; anything but none needs -C",
+    )
+    tls_passphrase_file: str | None = _opt(
+        None,
+        "--tls-passphrase-file",
+        metavar="FILE",
+        help="file holding the passphrase of an encrypted -k key (or set FORWARD_TLS_PASSPHRASE)",
+    )
+    tls_min_version: str = _opt(
+        "1.2",
+        "--tls-min-version",
+        metavar="VERSION",
+        choices=("1.2", "1.3"),
+        help="oldest TLS version accepted: 1.2 (default) or 1.3",
+    )
+    hsts: int = _opt(
+        0,
+        "--hsts",
+        metavar="SECONDS",
+        help="with TLS, send Strict-Transport-Security: max-age=SECONDS (default 0: not sent; "
+        "86400 is a careful start)",
+    )
+    redirect_port: int = _opt(
+        0,
+        "--redirect-port",
+        metavar="PORT",
+        help="with TLS, a plain-HTTP port that only redirects to https:// on the -p port "
+        "(default: off)",
+    )
     ulog: str = _opt(
         "ulog_socket",
         "-u",
@@ -284,6 +320,19 @@ class Config:
             )
         if self.tls_cert and not self.tls_key:
             raise ConfigError("-c <cert> needs the private key that goes with it: add -k <key>")
+        if not self.tls:
+            for name, value in (("--tls-client", self.tls_client), ("--hsts", self.hsts),
+                                ("--redirect-port", self.redirect_port)):
+                if value:
+                    raise ConfigError(f"{name} needs TLS: add -k <key> -c <cert>")
+        if self.hsts < 0:
+            raise ConfigError("--hsts must be 0 (off) or a number of seconds")
+        if self.redirect_port > 0 and self.http_port <= 0:
+            raise ConfigError("--redirect-port redirects to the -p port: -p must be enabled")
+        if self.redirect_port > 65535 or (
+            self.redirect_port > 0 and self.redirect_port in (self.http_port, self.ws_port)
+        ):
+            raise ConfigError(f"--redirect-port {self.redirect_port}: give a free port (1-65535)")
         if self.heartbeat < 0:
             raise ConfigError("--heartbeat must be 0 (off) or a positive number of seconds")
         if self.max_message_size < 0:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from forward.app import Server
 from forward.config import Config
@@ -197,6 +199,8 @@ async def start_forward() -> AsyncIterator[StartForward]:
             listeners["http"] = [bound()]
         if config.ws_port > 0:
             listeners["ws"] = [bound()]
+        if config.redirect_port > 0:
+            listeners["redirect"] = [bound()]
         await server.start(listeners)
         servers.append(server)
         return Running(server, "wss" if ssl_context else "ws")
@@ -204,3 +208,50 @@ async def start_forward() -> AsyncIterator[StartForward]:
     yield start
     for server in servers:
         await server.stop()
+
+
+@dataclass
+class PKI:
+    """Certificates from trustme written to files: a CA, a server certificate for 127.0.0.1 and
+    localhost, client certificates by common name, and a second CA that forward does not trust."""
+
+    directory: Path
+    ca: trustme.CA
+    other_ca: trustme.CA
+    server: trustme.LeafCert
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "server.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def client_context(
+        self, cn: str | None = None, *, issuer: trustme.CA | None = None
+    ) -> ssl.SSLContext:
+        """A client context trusting the CA, presenting a certificate with common name `cn`
+        (issued by `issuer`, the CA by default) if one is given."""
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        if cn is not None:
+            leaf = (issuer or self.ca).issue_cert("client.test", common_name=cn)
+            leaf.configure_cert(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost", common_name="forward.test")
+    pki = PKI(directory, ca, other, server)
+    server.private_key_pem.write_to_path(str(pki.key))
+    server.cert_chain_pems[0].write_to_path(str(pki.cert))
+    ca.cert_pem.write_to_path(str(pki.ca_file))
+    return pki
