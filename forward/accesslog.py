@@ -44,8 +44,14 @@ class AccessLogger(AbstractAccessLogger):
             return
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.3fs',
-            client, request.method, request.path_qs, request.version.major,
-            request.version.minor, response.status, response.body_length, time,
+            client,
+            request.method,
+            request.path_qs,
+            request.version.major,
+            request.version.minor,
+            response.status,
+            response.body_length,
+            time,
         )
 
     @property

@@ -189,8 +189,13 @@ async def client_certificate(request: web.Request, handler: Handler) -> web.Stre
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     why = tls.refusal(request.app[POLICY], cert)
     if why is not None:
-        log.warning("refused %s on %s (%s): %s",
-                    request.remote, request.app[LISTENER], tls.subject_text(cert), why)
+        log.warning(
+            "refused %s on %s (%s): %s",
+            request.remote,
+            request.app[LISTENER],
+            tls.subject_text(cert),
+            why,
+        )
         raise web.HTTPForbidden(text=f"Client certificate refused: {why}.\n")
     return await handler(request)
 
@@ -211,8 +216,11 @@ def redirect_to_https(https_port: Callable[[], int]) -> Handler:
         location = request.url.with_scheme("https").with_host(host)
         location = location.with_port(None if port == 443 else port)
         # 301 is what every client follows for GET; 308 keeps the method and body of the rest.
-        status = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else (
-            web.HTTPPermanentRedirect)
+        status = (
+            web.HTTPMovedPermanently
+            if request.method in ("GET", "HEAD")
+            else (web.HTTPPermanentRedirect)
+        )
         raise status(location)
 
     return redirect
@@ -299,12 +307,14 @@ class Server:
         if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
             apps["http"] = build_app(
-                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c)
+                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c
+            )
         if c.ws_port > 0:
             apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c)
         if c.redirect_port > 0:
             apps["redirect"] = build_app(
-                relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http")))
+                relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http"))
+            )
         for app in apps.values():
             app[accesslog.STATS_ROW] = relay.stats
             app[accesslog.GUARD] = guard
@@ -369,8 +379,7 @@ class Server:
                 await site.stop()
         if grace <= 0 or not self.sessions:
             return
-        log.info("draining: waiting up to %g s for %d open session(s)", grace,
-                 len(self.sessions))
+        log.info("draining: waiting up to %g s for %d open session(s)", grace, len(self.sessions))
         try:
             async with asyncio.timeout(grace):
                 await self.sessions.emptied()
@@ -418,8 +427,11 @@ def bind_listeners(
     """Bind the configured ports; each failure becomes one clear ConfigError. --workers binds
     the TCP ports once per worker with SO_REUSEPORT (`tcp_only` for all but the first), so that
     the kernel spreads connections over the workers."""
-    plan = [("http", "-p", config.http_port), ("ws", "-w", config.ws_port),
-            ("redirect", "--redirect-port", config.redirect_port)]
+    plan = [
+        ("http", "-p", config.http_port),
+        ("ws", "-w", config.ws_port),
+        ("redirect", "--redirect-port", config.redirect_port),
+    ]
     out: dict[str, list[socket.socket]] = {}
     try:
         for name, flag, port in plan:
@@ -437,8 +449,7 @@ def bind_listeners(
                 out.setdefault("http", []).append(bind_unix(config.listen_unix))
             except OSError as exc:
                 raise ConfigError(
-                    f"cannot listen on {config.listen_unix} (--listen-unix): "
-                    f"{exc.strerror or exc}"
+                    f"cannot listen on {config.listen_unix} (--listen-unix): {exc.strerror or exc}"
                 ) from exc
         if config.admin_port > 0 and not tcp_only:
             try:
@@ -485,7 +496,10 @@ def _bind(host: str | None, port: int, reuse_port: bool = False) -> socket.socke
         # All interfaces, IPv6 and IPv4 on one socket where the system has IPv6.
         if socket.has_dualstack_ipv6():
             return socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024,
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=1024,
                 reuse_port=reuse_port,
             )
         return socket.create_server(("", port), backlog=1024, reuse_port=reuse_port)

@@ -66,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = float
         parser.add_argument(*meta["flags"], **kw)
     parser.add_argument(
-        "--config", metavar="FILE", dest="config_file",
+        "--config",
+        metavar="FILE",
+        dest="config_file",
         help="read settings from this TOML file; the command line overrides it",
     )
     parser.add_argument(
-        "--check-config", action="store_true",
+        "--check-config",
+        action="store_true",
         help="check the settings (file and command line), say what is wrong, and exit",
     )
     parser.add_argument("--version", action="version", version=f"forward {__version__}")

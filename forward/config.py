@@ -321,8 +321,11 @@ class Config:
         if self.tls_cert and not self.tls_key:
             raise ConfigError("-c <cert> needs the private key that goes with it: add -k <key>")
         if not self.tls:
-            for name, value in (("--tls-client", self.tls_client), ("--hsts", self.hsts),
-                                ("--redirect-port", self.redirect_port)):
+            for name, value in (
+                ("--tls-client", self.tls_client),
+                ("--hsts", self.hsts),
+                ("--redirect-port", self.redirect_port),
+            ):
                 if value:
                     raise ConfigError(f"{name} needs TLS: add -k <key> -c <cert>")
         if self.hsts < 0:
@@ -366,7 +369,6 @@ class Config:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         self._validate_ops()
         return self
-
 
     def _validate_ops(self) -> None:
         # Imported here: these modules parse their own option values and must not import config.

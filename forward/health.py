@@ -41,39 +41,53 @@ class StatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.stats
         yield GaugeMetricFamily(
-            "forward_sessions_open", "WebSocket sessions relayed right now",
-            value=s.total(Stat.SESSIONS_OPEN))
+            "forward_sessions_open",
+            "WebSocket sessions relayed right now",
+            value=s.total(Stat.SESSIONS_OPEN),
+        )
         yield CounterMetricFamily(
-            "forward_sessions", "WebSocket sessions relayed to Rserve since start",
-            value=s.total(Stat.SESSIONS_TOTAL))
+            "forward_sessions",
+            "WebSocket sessions relayed to Rserve since start",
+            value=s.total(Stat.SESSIONS_TOTAL),
+        )
         data = CounterMetricFamily(
-            "forward_relay_bytes", "bytes relayed, by direction", labels=["direction"])
+            "forward_relay_bytes", "bytes relayed, by direction", labels=["direction"]
+        )
         data.add_metric(["to_r"], s.total(Stat.BYTES_TO_R))
         data.add_metric(["from_r"], s.total(Stat.BYTES_FROM_R))
         yield data
         msgs = CounterMetricFamily(
-            "forward_relay_messages", "QAP messages relayed, by direction", labels=["direction"])
+            "forward_relay_messages", "QAP messages relayed, by direction", labels=["direction"]
+        )
         msgs.add_metric(["to_r"], s.total(Stat.MESSAGES_TO_R))
         msgs.add_metric(["from_r"], s.total(Stat.MESSAGES_FROM_R))
         yield msgs
         yield CounterMetricFamily(
             "forward_backend_connect_failures",
             "sessions refused because the Rserve socket could not be reached",
-            value=s.total(Stat.BACKEND_FAILURES))
+            value=s.total(Stat.BACKEND_FAILURES),
+        )
         yield CounterMetricFamily(
-            "forward_tls_handshake_failures", "TLS handshakes that failed",
-            value=s.total(Stat.TLS_HANDSHAKE_FAILURES))
+            "forward_tls_handshake_failures",
+            "TLS handshakes that failed",
+            value=s.total(Stat.TLS_HANDSHAKE_FAILURES),
+        )
         http = CounterMetricFamily(
-            "forward_http_requests", "HTTP requests answered, by status (101: WebSocket)",
-            labels=["status"])
+            "forward_http_requests",
+            "HTTP requests answered, by status (101: WebSocket)",
+            labels=["status"],
+        )
         for status, n in sorted(s.http_totals().items()):
             http.add_metric([status], n)
         yield http
-        yield GaugeMetricFamily("forward_workers", "worker processes configured",
-                                value=self.workers)
+        yield GaugeMetricFamily(
+            "forward_workers", "worker processes configured", value=self.workers
+        )
         per = CounterMetricFamily(
-            "forward_worker_sessions", "WebSocket sessions by worker process (0 without "
-            "--workers)", labels=["worker"])
+            "forward_worker_sessions",
+            "WebSocket sessions by worker process (0 without --workers)",
+            labels=["worker"],
+        )
         for row, n in enumerate(s.per_row(Stat.SESSIONS_TOTAL)):
             per.add_metric([str(row)], n)
         yield per
@@ -128,8 +142,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 def build_admin_app(admin: Admin) -> web.Application:
     app = web.Application()
     app[ADMIN] = admin
-    for path, handler in (("/healthz", healthz), ("/readyz", healthz), ("/livez", livez),
-                          ("/metrics", metrics)):
+    for path, handler in (
+        ("/healthz", healthz),
+        ("/readyz", healthz),
+        ("/livez", livez),
+        ("/metrics", metrics),
+    ):
         app.router.add_get(path, handler)
     return app
 

@@ -104,10 +104,29 @@ class Session:
 
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
-        "_backend", "_backend_alive", "_client", "_closer", "_counted", "_heartbeat",
-        "_last_activity", "_pending", "_reading_paused", "_request", "_resumer", "_server",
-        "_settings", "_started", "_stats", "_timers", "_ws", "bytes_from_r", "bytes_to_r",
-        "ended", "id", "label",
+        "_backend",
+        "_backend_alive",
+        "_client",
+        "_closer",
+        "_counted",
+        "_greeting_timer",
+        "_heartbeat",
+        "_last_activity",
+        "_pending",
+        "_reading_paused",
+        "_request",
+        "_resumer",
+        "_server",
+        "_settings",
+        "_started",
+        "_stats",
+        "_timers",
+        "_ws",
+        "bytes_from_r",
+        "bytes_to_r",
+        "ended",
+        "id",
+        "label",
     )
 
     def __init__(
@@ -132,6 +151,7 @@ class Session:
         self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
         self._heartbeat: asyncio.TimerHandle | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._greeting_timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._closer: asyncio.Task[bool] | None = None
         self._resumer: asyncio.Task[None] | None = None
@@ -173,7 +193,8 @@ class Session:
         self._last_activity = loop.time()
         if settings.heartbeat > 0:
             self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
-        self._timers.append(loop.call_later(settings.backend_timeout, self._check_greeting))
+        if self._server.mode is None:  # the greeting may already be in
+            self._greeting_timer = loop.call_later(settings.backend_timeout, self._check_greeting)
         if settings.idle_timeout > 0:
             self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
         if settings.max_lifetime > 0:
@@ -212,6 +233,8 @@ class Session:
             self._heartbeat.cancel()
         for timer in self._timers:
             timer.cancel()
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None:
             backend.transport.close()
@@ -263,7 +286,8 @@ class Session:
         self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
 
     def _to_backend(self, data: bytes) -> None:
-        self._last_activity = asyncio.get_running_loop().time()
+        if self._settings.idle_timeout:
+            self._last_activity = asyncio.get_running_loop().time()
         backend = self._backend if self._backend_alive else None
         out: list[bytes | memoryview] = []
         try:
@@ -303,13 +327,17 @@ class Session:
     def from_backend(self, data: bytes) -> None:
         self.bytes_from_r += len(data)
         self._stats.add(Stat.BYTES_FROM_R, len(data))
-        self._last_activity = asyncio.get_running_loop().time()
+        if self._settings.idle_timeout:
+            self._last_activity = asyncio.get_running_loop().time()
         transport = self._request.transport
         if transport is None or transport.is_closing():
             return
         try:
             for item in self._server.feed(data):
                 if isinstance(item, qap.Greeting):
+                    if self._greeting_timer is not None:
+                        self._greeting_timer.cancel()
+                        self._greeting_timer = None
                     log.info(
                         "session %d from %s: Rserve in %s mode",
                         self.id,

@@ -96,17 +96,27 @@ class ServerManager:
                 await send(self.host, self.port, "ADD")
             except (OSError, TimeoutError) as exc:
                 if attempt == 1:
-                    log.warning("server manager %s: cannot send ADD (%s); retrying in the "
-                                "background", self.where, _why(exc))
+                    log.warning(
+                        "server manager %s: cannot send ADD (%s); retrying in the background",
+                        self.where,
+                        _why(exc),
+                    )
                 else:
-                    log.debug("server manager %s: ADD attempt %d failed: %s",
-                              self.where, attempt, _why(exc))
+                    log.debug(
+                        "server manager %s: ADD attempt %d failed: %s",
+                        self.where,
+                        attempt,
+                        _why(exc),
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             self.added = True
-            log.info("server manager %s: sent ADD%s", self.where,
-                     f" (attempt {attempt})" if attempt > 1 else "")
+            log.info(
+                "server manager %s: sent ADD%s",
+                self.where,
+                f" (attempt {attempt})" if attempt > 1 else "",
+            )
             return
 
     async def delete(self) -> None:

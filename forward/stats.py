@@ -13,8 +13,31 @@ import enum
 import mmap
 
 # The HTTP statuses counted on their own; any other goes to "other".
-HTTP_STATUSES = (101, 200, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 414, 416,
-                 426, 429, 431, 500, 501, 502, 503, 504)
+HTTP_STATUSES = (
+    101,
+    200,
+    206,
+    301,
+    302,
+    304,
+    400,
+    401,
+    403,
+    404,
+    405,
+    408,
+    413,
+    414,
+    416,
+    426,
+    429,
+    431,
+    500,
+    501,
+    502,
+    503,
+    504,
+)
 _STATUS_INDEX = {code: i for i, code in enumerate(HTTP_STATUSES)}
 
 

@@ -138,14 +138,14 @@ def refusal(policy: ClientPolicy, cert: PeerCert | None) -> str | None:
 
 def not_after(pem: str) -> dt.datetime:
     """The notAfter date of the first certificate in `pem` (RFC 5280 TBSCertificate.validity)."""
-    der = ssl.PEM_cert_to_DER_cert(pem[pem.index("-----BEGIN CERTIFICATE-----"):])
+    der = ssl.PEM_cert_to_DER_cert(pem[pem.index("-----BEGIN CERTIFICATE-----") :])
 
     def tlv(data: bytes, pos: int) -> tuple[int, int, int]:  # tag, start of value, end
         tag, length = data[pos], data[pos + 1]
         pos += 2
         if length & 0x80:
             n = length & 0x7F
-            length = int.from_bytes(data[pos:pos + n], "big")
+            length = int.from_bytes(data[pos : pos + n], "big")
             pos += n
         return tag, pos, pos + length
 
@@ -183,9 +183,7 @@ def _passphrase(config: Config, environ: Mapping[str, str]) -> bytes | None:
     return value.encode() if value is not None else None
 
 
-def build_context(
-    config: Config, environ: Mapping[str, str] | None = None
-) -> ssl.SSLContext:
+def build_context(config: Config, environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     """A server context for `config` (which must have -k/-c); every failure is one ConfigError."""
     assert config.tls_key and config.tls_cert
     environ = os.environ if environ is None else environ
@@ -258,8 +256,11 @@ def _warn_expiry(path: str, pem: str) -> None:
         return  # OpenSSL accepted it; a date we cannot read is not worth refusing to start for
     now = dt.datetime.now(dt.UTC)
     if end <= now:
-        log.warning("the certificate %s (-c) expired on %s: clients will refuse it",
-                    path, end.date().isoformat())
+        log.warning(
+            "the certificate %s (-c) expired on %s: clients will refuse it",
+            path,
+            end.date().isoformat(),
+        )
     elif end - now < dt.timedelta(days=14):
         log.warning("the certificate %s (-c) expires on %s", path, end.isoformat())
 
@@ -297,8 +298,9 @@ class Contexts:
             hook(fresh)
         self.current = fresh
         self.generation += 1
-        log.info("TLS reload: key, certificate and CA loaded again (generation %d)",
-                 self.generation)
+        log.info(
+            "TLS reload: key, certificate and CA loaded again (generation %d)", self.generation
+        )
         return True
 
 
@@ -318,8 +320,9 @@ class TLSSite(web.SockSite):
     HTTP, an old TLS version) is logged with the peer's address.
     """
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, contexts: ContextSource,
-                 listener: str) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, sock: socket.socket, contexts: ContextSource, listener: str
+    ) -> None:
         super().__init__(runner, sock, ssl_context=contexts())
         self._contexts = contexts
         self._listener = listener
@@ -334,8 +337,13 @@ class TLSSite(web.SockSite):
 class _Acceptor(asyncio.AbstractServer):
     """The accept loop of one TLS listener, in the place of an asyncio.Server."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
-                 contexts: ContextSource, listener: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        contexts: ContextSource,
+        listener: str,
+    ) -> None:
         self._sock = sock
         self._factory = factory
         self._contexts = contexts
@@ -384,8 +392,12 @@ class _Acceptor(asyncio.AbstractServer):
             except (ConnectionAbortedError, InterruptedError):
                 continue
             except OSError as exc:
-                log.error("accepting on %s failed, retrying in %.0f s: %s",
-                          self._listener, ACCEPT_RETRY_DELAY, exc)
+                log.error(
+                    "accepting on %s failed, retrying in %.0f s: %s",
+                    self._listener,
+                    ACCEPT_RETRY_DELAY,
+                    exc,
+                )
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             task = self._loop.create_task(self._handshake(conn))
@@ -396,12 +408,18 @@ class _Acceptor(asyncio.AbstractServer):
         peer = _peer(conn)
         try:
             await self._loop.connect_accepted_socket(
-                self._factory, conn, ssl=self._contexts(),
+                self._factory,
+                conn,
+                ssl=self._contexts(),
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:
-            log.info("TLS handshake from %s on %s refused: %s", peer, self._listener,
-                     _handshake_reason(exc))
+            log.info(
+                "TLS handshake from %s on %s refused: %s",
+                peer,
+                self._listener,
+                _handshake_reason(exc),
+            )
             conn.close()
         except asyncio.CancelledError:
             conn.close()

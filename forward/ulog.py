@@ -57,7 +57,7 @@ def parse_target(text: str) -> Target | None:
     for kind in ("udp", "tcp"):
         prefix = kind + "://"
         if text.startswith(prefix):
-            rest = text[len(prefix):]
+            rest = text[len(prefix) :]
             host, port = _split_host_port(rest, DEFAULT_PORT)
             if not host:
                 raise ULogError(f"-u {text}: no host after {prefix}")
@@ -123,8 +123,7 @@ class _Sender:
             self._note_failure(exc.strerror or str(exc) or type(exc).__name__)
             return
         if self.failing is not None:
-            _stderr(f"ulog: sending to {self.target} works again "
-                    f"({self.dropped} line(s) dropped)")
+            _stderr(f"ulog: sending to {self.target} works again ({self.dropped} line(s) dropped)")
             self.failing = None
 
     def _send(self, line: bytes) -> None:
@@ -196,8 +195,13 @@ class ULogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = format_line(self.format(record), record.levelno, record.created,
-                               self.host, record.process or os.getpid())
+            line = format_line(
+                self.format(record),
+                record.levelno,
+                record.created,
+                self.host,
+                record.process or os.getpid(),
+            )
         except Exception:  # a bad %-format in some log call: logging's usual report
             self.handleError(record)
             return

@@ -113,8 +113,11 @@ class Supervisor:
             await asyncio.wait((ready, stop), return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             if not self._stop.is_set():
-                log.info("%d workers serving (pids %s)", len(self.pids),
-                         " ".join(str(p) for p in sorted(self.pids)))
+                log.info(
+                    "%d workers serving (pids %s)",
+                    len(self.pids),
+                    " ".join(str(p) for p in sorted(self.pids)),
+                )
                 if manager is not None:
                     manager.start_add()
                 notify(f"READY=1\nMAINPID={os.getpid()}")
@@ -175,9 +178,9 @@ class Supervisor:
 
         async def run() -> None:
             ready = asyncio.Event()
-            task = asyncio.ensure_future(serve(
-                self.config, ready, listeners=mine, stats=self.stats, row=row, manage=False
-            ))
+            task = asyncio.ensure_future(
+                serve(self.config, ready, listeners=mine, stats=self.stats, row=row, manage=False)
+            )
             waiter = asyncio.ensure_future(ready.wait())
             await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -229,8 +232,9 @@ class Supervisor:
             if not self._all_ready.is_set() and row not in self.ready_rows:
                 # A worker that cannot even start (a file it needs, a bad setting) would only
                 # fail again: give up, as a single forward would.
-                log.error("worker %d (pid %d) exited with %s before serving; stopping",
-                          row, pid, how)
+                log.error(
+                    "worker %d (pid %d) exited with %s before serving; stopping", row, pid, how
+                )
                 self.failed = True
                 self._stop.set()
                 continue
@@ -239,8 +243,14 @@ class Supervisor:
             if lived < QUICK_DEATH:
                 delay = self.delay.get(row, 0.5)
                 self.delay[row] = min(delay * 2, RESTART_MAX)
-            log.warning("worker %d (pid %d) died with %s after %.1f s; restarting it%s",
-                        row, pid, how, lived, f" in {delay:g} s" if delay else "")
+            log.warning(
+                "worker %d (pid %d) died with %s after %.1f s; restarting it%s",
+                row,
+                pid,
+                how,
+                lived,
+                f" in {delay:g} s" if delay else "",
+            )
             loop.call_later(delay, self._spawn, row)
         if not self.pids:
             self._none_left.set()
