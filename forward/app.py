@@ -411,7 +411,11 @@ def session_capacity(max_sessions: int) -> int:
         return max_sessions
     fit = max(1, (soft - FD_RESERVE) // 2)
     if max_sessions == 0 or max_sessions > fit:
-        log.warning(
+        # Worth a warning when the limit is low (the usual soft limit of 1024 gives ~500); a
+        # generous limit just below the default --max-sessions is only information.
+        level = logging.WARNING if fit < 1000 else logging.INFO
+        log.log(
+            level,
             "the open-file limit (%d) leaves room for about %d sessions: sessions are capped "
             "there (raise the limit, e.g. LimitNOFILE= or ulimit -n, for more)",
             soft,
