@@ -14,6 +14,8 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from .ulog import split_host_port
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 40
@@ -29,20 +31,15 @@ class ServerManagerError(ValueError):
 
 def parse(text: str) -> tuple[str, int]:
     """`host[:port]` (or `[v6]:port`) -> (host, port), port 40 by default."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
+    try:
+        host, port = split_host_port(text, DEFAULT_PORT)
+    except ValueError:
+        raise ServerManagerError(
+            f"-S {text}: the port must be a number between 1 and 65535"
+        ) from None
     if not host:
         raise ServerManagerError(f"-S {text}: no host name")
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ServerManagerError(f"-S {text}: the port must be a number between 1 and 65535")
-    return host, int(port_text)
+    return host, port
 
 
 async def send(host: str, port: int, what: str, limit: float = CONNECT_TIMEOUT) -> None:

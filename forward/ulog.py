@@ -58,14 +58,15 @@ def parse_target(text: str) -> Target | None:
         prefix = kind + "://"
         if text.startswith(prefix):
             rest = text[len(prefix) :]
-            host, port = _split_host_port(rest, DEFAULT_PORT)
+            host, port = split_host_port(rest, DEFAULT_PORT)
             if not host:
                 raise ULogError(f"-u {text}: no host after {prefix}")
             return Target(kind, host, port)
     return Target("unix", text)
 
 
-def _split_host_port(text: str, default: int) -> tuple[str, int]:
+def split_host_port(text: str, default: int) -> tuple[str, int]:
+    """`host[:port]` or `[v6]:port`; also what -S takes. A bad port is a ValueError."""
     if text.startswith("["):  # [IPv6]:port
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
