@@ -211,7 +211,7 @@ async def test_idle_session_is_closed_and_heartbeats_do_not_count(
 
 
 async def test_session_lifetime_limit(echo: FakeRserve, start_forward: StartForward) -> None:
-    fwd = await start_forward(echo.path, max_lifetime=0.3)
+    fwd = await start_forward(echo.path, max_lifetime=1.0)
     async with await RClient.connect(fwd.url("http")) as c:
         await c.send(Cmd.EVAL, b"x", msg_id=1)
         assert (await c.response()).payload == b"x"
