@@ -278,6 +278,7 @@ class Session:
             log.info("session %d from %s: idle for %.0f s", self.id, self.label, quiet)
             self.close(1001, f"session idle for {timeout:g} s", notice=True)
         else:
+            self._timers = [t for t in self._timers if not t.cancelled() and t.when() > loop.time()]
             self._timers.append(loop.call_later(timeout - quiet, self._check_idle))
 
     def _expire(self) -> None:
@@ -286,6 +287,8 @@ class Session:
         self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
 
     def _to_backend(self, data: bytes) -> None:
+        if self._closer is not None:
+            return  # closing after a protocol error: nothing more may reach R
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
         backend = self._backend if self._backend_alive else None

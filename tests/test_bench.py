@@ -20,8 +20,14 @@ import pytest
 from .conftest import C_FORWARD, IN_CI
 
 REPO = Path(__file__).resolve().parent.parent
-ALWAYS = ("rtt_p50_us", "rtt_p99_us", "bulk_mb_s", "parallel_msg_s", "pss_kb_per_session",
-          "sessions_per_s")
+ALWAYS = (
+    "rtt_p50_us",
+    "rtt_p99_us",
+    "bulk_mb_s",
+    "parallel_msg_s",
+    "pss_kb_per_session",
+    "sessions_per_s",
+)
 
 
 def need(ok: bool, what: str) -> None:
@@ -40,8 +46,12 @@ def test_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-        timeout=240, check=False,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 

@@ -114,14 +114,29 @@ async def start_cli(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         for _attempt in range(3):
             port = free_port()
             cmd = [
-                sys.executable, "-m", "forward", "-p", str(port), "-b", "127.0.0.1",
-                "-s", str(rserve.socket), "-r", str(DOC_ROOT), "-u", str(tmp_path / "ulog"),
+                sys.executable,
+                "-m",
+                "forward",
+                "-p",
+                str(port),
+                "-b",
+                "127.0.0.1",
+                "-s",
+                str(rserve.socket),
+                "-r",
+                str(DOC_ROOT),
+                "-u",
+                str(tmp_path / "ulog"),
                 *extra,
             ]
             log = (tmp_path / f"forward-{port}.log").open("wb")
             proc = await asyncio.create_subprocess_exec(
-                *cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                *cmd,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=log,
+                stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
             )
             log.close()
             started.append(proc)
@@ -143,7 +158,7 @@ async def start_cli(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 async def r_print(url: str, ssl_context: Any, expr: str) -> str:
     """What R's print() shows for `expr`, asked of R directly (the oracle for the page)."""
     async with await RClient.connect(url, ssl_context=ssl_context) as client:
-        caps = (await client.call(client.capability, strings(["mike"]), strings(["mypwd"])))
+        caps = await client.call(client.capability, strings(["mike"]), strings(["mypwd"]))
         code = f"paste(capture.output(print({expr})), collapse = '\\n')"
         answer = await client.call(caps.as_dict()["parseEval"], strings([code]))
         return str(answer.value[0])

@@ -35,8 +35,12 @@ log-level = "warning"
 def test_every_key_form_and_type() -> None:
     values = configfile.parse(FULL)
     c = Config(**values).validate()
-    assert (c.http_port, c.ws_port, c.socket, c.doc_root) == (8080, 8081, "/run/rserve/qap.sock",
-                                                              ".")
+    assert (c.http_port, c.ws_port, c.socket, c.doc_root) == (
+        8080,
+        8081,
+        "/run/rserve/qap.sock",
+        ".",
+    )
     assert c.bind == ("127.0.0.1", "::1") and c.trusted_proxy == ("10.0.0.0/8",)
     assert (c.heartbeat, c.workers, c.admin_port, c.log_level) == (300.0, 4, 9100, "warning")
     assert configfile.parse("http_port = 1") == {"http_port": 1}  # field names work too
@@ -78,8 +82,12 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "forward", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=20, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-m", "forward", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 

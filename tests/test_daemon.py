@@ -57,9 +57,25 @@ async def test_forward_with_unix_listener_pid_file_and_notify(
         ns.bind(str(notify_path))
         ns.settimeout(20)
         proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-            [sys.executable, "-m", "forward", "-p", "-1", "-w", "-1", "--listen-unix", str(unix),
-             "-s", str(rserve_qap.socket), "-u", "", "--pid-file", str(pid)],
-            cwd=ROOT, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "forward",
+                "-p",
+                "-1",
+                "-w",
+                "-1",
+                "--listen-unix",
+                str(unix),
+                "-s",
+                str(rserve_qap.socket),
+                "-u",
+                "",
+                "--pid-file",
+                str(pid),
+            ],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
         )
         try:

@@ -126,9 +126,12 @@ async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_pat
     args = ["--no-install", "--port", str(free_port())] + (["--plain"] if plain else [])
     with (tmp_path / "demo.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            str(ROOT / "scripts" / "demo"), *args,
+            str(ROOT / "scripts" / "demo"),
+            *args,
             env={**os.environ, "DEMO_DIR": str(workdir)},
-            stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # its own process group, like a terminal's foreground job
         )
     try:
@@ -175,9 +178,14 @@ async def test_demo_script_port_in_use_says_so_and_leaves_nothing_running(tmp_pa
         taken.listen()
         port = taken.getsockname()[1]
         proc = await asyncio.create_subprocess_exec(
-            str(ROOT / "scripts" / "demo"), "--no-install", "--plain", "--port", str(port),
+            str(ROOT / "scripts" / "demo"),
+            "--no-install",
+            "--plain",
+            "--port",
+            str(port),
             env={**os.environ, "DEMO_DIR": str(workdir)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
         )
         async with asyncio.timeout(60):

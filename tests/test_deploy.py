@@ -97,11 +97,15 @@ def nginx(prefix: Path, site: str, port: int) -> Iterator[subprocess.Popen[bytes
         "http {\n"
         f"    access_log {prefix}/logs/access.log;\n{temp}{site}\n}}\n"
     )
-    test = subprocess.run([NGINX, "-p", str(prefix), "-c", str(conf), "-t"],
-                          capture_output=True, text=True)
+    test = subprocess.run(
+        [NGINX, "-p", str(prefix), "-c", str(conf), "-t"], capture_output=True, text=True
+    )
     assert test.returncode == 0, test.stderr
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, proc, "nginx")
         yield proc
@@ -151,9 +155,10 @@ async def test_nginx_tls_in_front_of_two_forwards(
             for c in clients:
                 await c.close()
         # Plain HTTP through the same TLS front end reaches forward's HTTP side.
-        async with aiohttp.ClientSession() as s, s.get(
-            f"https://127.0.0.1:{port}/missing", ssl=client_ctx
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"https://127.0.0.1:{port}/missing", ssl=client_ctx) as r,
+        ):
             assert r.status == 404
 
 
@@ -162,12 +167,18 @@ async def test_nginx_tls_in_front_of_two_forwards(
 
 def verify_unit(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     # ExecStart must name an existing executable for verify: point it at this Python.
-    text = text.replace("ExecStart=/usr/local/bin/forward",
-                        f"ExecStart={sys.executable} -m forward")
+    text = text.replace(
+        "ExecStart=/usr/local/bin/forward", f"ExecStart={sys.executable} -m forward"
+    )
     unit = tmp_path / "forward.service"
     unit.write_text(text)
-    return subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=60)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -201,8 +212,20 @@ def test_dockerfiles_copy_what_exists_and_run_unprivileged(name: str) -> None:
     steps = dockerfile(DEPLOY / name)
     assert steps[0][0] == "FROM"
     for word, rest in steps:
-        assert word in {"FROM", "ARG", "RUN", "WORKDIR", "COPY", "VOLUME", "USER", "EXPOSE",
-                        "ENTRYPOINT", "CMD", "ENV", "LABEL"}, word
+        assert word in {
+            "FROM",
+            "ARG",
+            "RUN",
+            "WORKDIR",
+            "COPY",
+            "VOLUME",
+            "USER",
+            "EXPOSE",
+            "ENTRYPOINT",
+            "CMD",
+            "ENV",
+            "LABEL",
+        }, word
         if word == "COPY":
             *sources, _ = rest.split()
             for src in sources:
@@ -214,14 +237,17 @@ def test_dockerfiles_copy_what_exists_and_run_unprivileged(name: str) -> None:
 
 
 def test_entrypoint_script_is_valid_sh() -> None:
-    out = subprocess.run(["sh", "-n", str(DEPLOY / "docker" / "entrypoint.sh")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["sh", "-n", str(DEPLOY / "docker" / "entrypoint.sh")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
 
 
 def run_entrypoint(*args: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [str(DEPLOY / "docker" / "entrypoint.sh"), *args], cwd=ROOT, text=True,
+        [str(DEPLOY / "docker" / "entrypoint.sh"), *args],
+        cwd=ROOT,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "FORWARD": f"{sys.executable} -m forward"},
         **kw,
     )
@@ -245,9 +271,21 @@ async def test_entrypoint_serves_with_the_image_configuration(
     www.mkdir()
     (www / "index.html").write_text("<p>hello")
     proc = run_entrypoint(  # the image's CMD, with this machine's paths and ports
-        "--config", str(DEPLOY / "forward.toml"), "-s", str(rserve_qap.socket),
-        "-b", "127.0.0.1", "-p", str(port), "--admin-port", str(admin),
-        "--admin-bind", "127.0.0.1", "-r", str(www), stderr=subprocess.DEVNULL,
+        "--config",
+        str(DEPLOY / "forward.toml"),
+        "-s",
+        str(rserve_qap.socket),
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--admin-port",
+        str(admin),
+        "--admin-bind",
+        "127.0.0.1",
+        "-r",
+        str(www),
+        stderr=subprocess.DEVNULL,
     )
     try:
         await asyncio.to_thread(wait_port, admin, proc, "forward")
@@ -279,9 +317,11 @@ def test_compose_and_kubernetes_share_the_socket_volume() -> None:
     pod = docs[0]["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "rserve-socket", "emptyDir": {"medium": "Memory"}}]
     mounts = {c["name"]: c["volumeMounts"] for c in pod["containers"]}
-    assert mounts["rserve"] == mounts["forward"] == [
-        {"name": "rserve-socket", "mountPath": "/run/rserve"}
-    ]
+    assert (
+        mounts["rserve"]
+        == mounts["forward"]
+        == [{"name": "rserve-socket", "mountPath": "/run/rserve"}]
+    )
     forward = next(c for c in pod["containers"] if c["name"] == "forward")
     assert forward["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
@@ -290,8 +330,14 @@ def test_compose_and_kubernetes_share_the_socket_volume() -> None:
 async def test_nginx_to_forward_over_a_unix_socket(rserve_qap: Rserve, tmp_path: Path) -> None:
     need(NGINX, "nginx (nginx-light)")
     path = tmp_path / "forward.sock"
-    config = replace(Config(), socket=str(rserve_qap.socket), http_port=-1, ws_port=-1,
-                     listen_unix=str(path), trusted_proxy=("127.0.0.1",)).validate()
+    config = replace(
+        Config(),
+        socket=str(rserve_qap.socket),
+        http_port=-1,
+        ws_port=-1,
+        listen_unix=str(path),
+        trusted_proxy=("127.0.0.1",),
+    ).validate()
     server = Server(config, stats=Stats())
     await server.start({"http": [bind_unix(str(path))]})
     try:
@@ -302,8 +348,10 @@ async def test_nginx_to_forward_over_a_unix_socket(rserve_qap: Rserve, tmp_path:
         location = re.search(r"    location / \{.*?\n    \}\n", shipped, re.S)
         upgrade_map = re.search(r"map \$http_upgrade.*?\n\}\n", shipped, re.S)
         assert location and upgrade_map
-        site = (f"upstream forward {{ server unix:{path}; }}\n{upgrade_map[0]}"
-                f"server {{\n    listen 127.0.0.1:{port};\n{location[0]}}}\n")
+        site = (
+            f"upstream forward {{ server unix:{path}; }}\n{upgrade_map[0]}"
+            f"server {{\n    listen 127.0.0.1:{port};\n{location[0]}}}\n"
+        )
         with nginx(tmp_path / "nginx", site, port):
             async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
                 assert (await c.eval("5 * 5")).value == [25.0]

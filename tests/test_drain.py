@@ -75,9 +75,24 @@ def free_port() -> int:
 async def test_sigterm_drains_then_exits_zero(rserve_qap: Rserve) -> None:
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-u", "",
-         "-s", str(rserve_qap.socket), "--drain-timeout", "60"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-u",
+            "",
+            "-s",
+            str(rserve_qap.socket),
+            "--drain-timeout",
+            "60",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:

@@ -38,8 +38,9 @@ async def with_admin() -> AsyncIterator[Callable[..., asyncio.Future[Fwd]]]:
     servers: list[Server] = []
 
     async def start(socket_path: Path, **kw: object) -> Fwd:
-        config = replace(Config(), socket=str(socket_path), http_port=1, ws_port=2,
-                         admin_port=3, **kw).validate()
+        config = replace(
+            Config(), socket=str(socket_path), http_port=1, ws_port=2, admin_port=3, **kw
+        ).validate()
         server = Server(config, stats=Stats())
         await server.start({"http": [bound()], "ws": [bound()], "admin": [bound()]})
         servers.append(server)
@@ -129,7 +130,8 @@ async def test_metrics_move_with_real_traffic(
 
 
 async def test_access_log_line_and_trusted_proxy(
-    rserve_qap: Rserve, with_admin: Callable[..., asyncio.Future[Fwd]],
+    rserve_qap: Rserve,
+    with_admin: Callable[..., asyncio.Future[Fwd]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fwd = await with_admin(rserve_qap.socket, trusted_proxy=("127.0.0.1",))

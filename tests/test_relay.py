@@ -327,6 +327,8 @@ async def test_oversized_message_from_browser_is_refused_before_r_sees_it(
             await c.send(Cmd.EVAL, b"ok", msg_id=1)
             assert (await c.response()).payload == b"ok"
             await c.ws.send_bytes(Header(Cmd.EVAL, 5000, 2).encode() + b"x" * 100)
+            # Whatever follows a refused header, even a well-formed message, never reaches R.
+            await c.ws.send_bytes(Header(Cmd.EVAL, 4, 3).encode() + b"late")
             msg = await c.ws.receive()
             assert msg.type is aiohttp.WSMsgType.CLOSE
             assert c.ws.close_code == 1009 and "exceeds the limit" in msg.extra

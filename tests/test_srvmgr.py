@@ -107,9 +107,24 @@ async def test_forward_sends_add_then_del(rserve_qap: Rserve, sig: signal.Signal
     mport = await mgr.start()
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the manager
-        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port),
-         "-s", str(rserve_qap.socket), "-u", "", "-S", f"127.0.0.1:{mport}"],
-        cwd=ROOT, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-s",
+            str(rserve_qap.socket),
+            "-u",
+            "",
+            "-S",
+            f"127.0.0.1:{mport}",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         assert await mgr.next() == b"ADD"
@@ -130,9 +145,24 @@ async def test_forward_sends_add_then_del(rserve_qap: Rserve, sig: signal.Signal
 async def test_unreachable_manager_is_not_fatal(rserve_qap: Rserve) -> None:
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port),
-         "-s", str(rserve_qap.socket), "-u", "", "-S", f"127.0.0.1:{free_port()}"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-s",
+            str(rserve_qap.socket),
+            "-u",
+            "",
+            "-S",
+            f"127.0.0.1:{free_port()}",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:

@@ -49,13 +49,17 @@ def need_openssl() -> str:
 
 def tls_settings(pki: PKI, **kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "tls_key": str(pki.key), "tls_cert": str(pki.cert), "tls_ca": str(pki.ca_file)
+        "tls_key": str(pki.key),
+        "tls_cert": str(pki.cert),
+        "tls_ca": str(pki.ca_file),
     }
     return base | kw
 
 
 async def start_tls(
-    start_forward: StartForward, socket_path: Path | str, pki: PKI | None = None,
+    start_forward: StartForward,
+    socket_path: Path | str,
+    pki: PKI | None = None,
     **settings: Any,
 ) -> tuple[Running, tls.Contexts]:
     if pki is not None:
@@ -236,8 +240,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
 
     proc = subprocess.run(
         [sys.executable, "-m", "forward", "-p", "1", "-s", "/nonexistent", *args],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     return proc.returncode, proc.stderr
 
@@ -256,16 +264,22 @@ def startup_cases(pki: PKI) -> list[tuple[list[str], str]]:
     wrong.write_text("nope\n")
     k, c, ca = str(pki.key), str(pki.cert), str(pki.ca_file)
     cases = [
-        (["-k", str(d / "missing.key"), "-c", c],
-         f"forward: cannot read TLS key {d / 'missing.key'} (-k): No such file or directory"),
+        (
+            ["-k", str(d / "missing.key"), "-c", c],
+            f"forward: cannot read TLS key {d / 'missing.key'} (-k): No such file or directory",
+        ),
         (["-k", str(other_key), "-c", c], f"the key {other_key} (-k) does not belong to the"),
         (["-k", k, "-c", str(garbage)], f"no PEM certificate in {garbage} (-c)"),
         (["-k", str(garbage), "-c", c], f"no PEM private key in {garbage} (-k)"),
         (["-k", str(enc), "-c", c], "is encrypted: give its passphrase in a file with"),
-        (["-k", str(enc), "-c", c, "--tls-passphrase-file", str(wrong)],
-         f"cannot decrypt the key {enc} (-k): wrong passphrase?"),
-        (["-k", k, "-c", c, "-C", str(d / "missing-ca.pem")],
-         f"cannot load CA file {d / 'missing-ca.pem'} (-C): No such file or directory"),
+        (
+            ["-k", str(enc), "-c", c, "--tls-passphrase-file", str(wrong)],
+            f"cannot decrypt the key {enc} (-k): wrong passphrase?",
+        ),
+        (
+            ["-k", k, "-c", c, "-C", str(d / "missing-ca.pem")],
+            f"cannot load CA file {d / 'missing-ca.pem'} (-C): No such file or directory",
+        ),
         (["-k", k, "-c", c, "-C", str(garbage)], f"cannot load CA file {garbage} (-C)"),
         (["-k", k], "-k <key> requires a corresponding certificate"),
         (["-k", k, "-c", c, "--tls-client", "require"], "--tls-client require needs -C"),
@@ -328,8 +342,13 @@ async def test_wss_and_https_on_both_ports(
 
 async def s_client(port: int, *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        need_openssl(), "s_client", "-connect", f"127.0.0.1:{port}", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        need_openssl(),
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{port}",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
@@ -338,12 +357,19 @@ async def s_client(port: int, *args: str) -> str:
 
 @pytest.mark.parametrize("listener", ["http", "ws"])
 async def test_s_client_handshake(
-    start_forward: StartForward, pki: PKI, tmp_path: Path, watch: LogWatch,
+    start_forward: StartForward,
+    pki: PKI,
+    tmp_path: Path,
+    watch: LogWatch,
     listener: str,
 ) -> None:
     fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
     out = await s_client(
-        fwd.server.port(listener), "-CAfile", str(pki.ca_file), "-alpn", "http/1.1",
+        fwd.server.port(listener),
+        "-CAfile",
+        str(pki.ca_file),
+        "-alpn",
+        "http/1.1",
         "-verify_return_error",
     )
     assert "Verify return code: 0 (ok)" in out, out
@@ -360,8 +386,12 @@ async def test_s_client_handshake(
 @pytest.mark.parametrize("listener", ["http", "ws"])
 @pytest.mark.parametrize("scheme", ["http", "ws"])
 async def test_plain_text_on_a_tls_port_is_refused(
-    start_forward: StartForward, pki: PKI, tmp_path: Path, watch: LogWatch,
-    listener: str, scheme: str,
+    start_forward: StartForward,
+    pki: PKI,
+    tmp_path: Path,
+    watch: LogWatch,
+    listener: str,
+    scheme: str,
 ) -> None:
     fake = await FakeRserve(tmp_path / "r.sock").start()
     try:
@@ -376,8 +406,9 @@ async def test_plain_text_on_a_tls_port_is_refused(
         await watch.wait_for("refused: plain HTTP on a TLS port")
         assert fake.connections == 0
         # Still serving TLS afterwards.
-        status, _, _ = await https_get(fwd.url(listener).replace("wss", "https"),
-                                       pki.client_context())
+        status, _, _ = await https_get(
+            fwd.url(listener).replace("wss", "https"), pki.client_context()
+        )
         assert status in (404, 426)
     finally:
         await fake.stop()
@@ -420,8 +451,9 @@ async def test_chain_from_ca_file_and_fullchain(
         assert out.count("BEGIN CERTIFICATE") >= 2, out
 
     # The leaf alone does not verify: the chain really came from -C or the fullchain.
-    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", tls_key=str(key),
-                             tls_cert=str(only_leaf))
+    fwd, _ = await start_tls(
+        start_forward, tmp_path / "no.sock", tls_key=str(key), tls_cert=str(only_leaf)
+    )
     with pytest.raises(aiohttp.ClientConnectorCertificateError):
         await https_get(fwd.http_url("/"), client)
 
@@ -432,27 +464,46 @@ async def test_chain_from_ca_file_and_fullchain(
 # "ok" (session reaches R), "handshake" (TLS refuses it), 403 (refused by name before R).
 E2E = {
     ("none",): [((None, True), "ok"), (("alice", True), "ok"), (("alice", False), "ok")],
-    ("request",): [((None, True), "ok"), (("alice", True), "ok"),
-                   (("alice", False), "handshake")],
-    ("require",): [((None, True), "handshake"), (("alice", True), "ok"),
-                   (("alice", False), "handshake")],
-    ("match:alice,bob",): [
-        (("alice", True), "ok"), (("bob", True), "ok"), (("Alice", True), 403),
-        (("alic", True), 403), (("alice,bob", True), 403), ((None, True), "handshake"),
+    ("request",): [((None, True), "ok"), (("alice", True), "ok"), (("alice", False), "handshake")],
+    ("require",): [
+        ((None, True), "handshake"),
+        (("alice", True), "ok"),
         (("alice", False), "handshake"),
     ],
-    ("prefix:team-",): [(("team-a", True), "ok"), (("Team-a", True), 403),
-                        (("xteam-a", True), 403)],
-    ("suffix:.example.org",): [(("db.example.org", True), "ok"), (("example.org", True), 403),
-                               (("db.example.org.evil", True), 403)],
-    ("match:admin", "suffix:.ops"): [(("admin", True), "ok"), (("db.ops", True), "ok"),
-                                     (("db.ops.x", True), 403), (("root", True), 403)],
+    ("match:alice,bob",): [
+        (("alice", True), "ok"),
+        (("bob", True), "ok"),
+        (("Alice", True), 403),
+        (("alic", True), 403),
+        (("alice,bob", True), 403),
+        ((None, True), "handshake"),
+        (("alice", False), "handshake"),
+    ],
+    ("prefix:team-",): [
+        (("team-a", True), "ok"),
+        (("Team-a", True), 403),
+        (("xteam-a", True), 403),
+    ],
+    ("suffix:.example.org",): [
+        (("db.example.org", True), "ok"),
+        (("example.org", True), 403),
+        (("db.example.org.evil", True), 403),
+    ],
+    ("match:admin", "suffix:.ops"): [
+        (("admin", True), "ok"),
+        (("db.ops", True), "ok"),
+        (("db.ops.x", True), 403),
+        (("root", True), 403),
+    ],
 }
 
 
 @pytest.mark.parametrize("specs", list(E2E), ids=[" ".join(s) for s in E2E])
 async def test_policy_end_to_end(
-    start_forward: StartForward, pki: PKI, tmp_path: Path, watch: LogWatch,
+    start_forward: StartForward,
+    pki: PKI,
+    tmp_path: Path,
+    watch: LogWatch,
     specs: tuple[str, ...],
 ) -> None:
     fake = await FakeRserve(tmp_path / "r.sock").start()
@@ -512,7 +563,9 @@ def trusting(ca: trustme.CA) -> ssl.SSLContext:
 
 @pytest.mark.rserve
 async def test_reload_keeps_sessions_and_serves_the_new_certificate(
-    rserve_qap: Rserve, start_forward: StartForward, tmp_path: Path,
+    rserve_qap: Rserve,
+    start_forward: StartForward,
+    tmp_path: Path,
     watch: LogWatch,
 ) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
@@ -567,11 +620,25 @@ async def test_sighup_reloads_the_cli(tmp_path: Path) -> None:
     write_server_files(tmp_path, old_ca, "old.test")
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-s",
-        str(tmp_path / "no.sock"), "-k", str(tmp_path / "server.key"), "-c",
-        str(tmp_path / "server.pem"), "-u", str(tmp_path / "no-ulog"),
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "forward",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-s",
+        str(tmp_path / "no.sock"),
+        "-k",
+        str(tmp_path / "server.key"),
+        "-c",
+        str(tmp_path / "server.pem"),
+        "-u",
+        str(tmp_path / "no-ulog"),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     seen: list[str] = []

@@ -145,8 +145,10 @@ def test_missing_socket_or_dead_collector_drops_lines_without_blocking(tmp_path:
     # A port nobody listens on: connection refused, then backoff; the unix path does not exist.
     with socket.create_server(("127.0.0.1", 0)) as s:
         dead_port = s.getsockname()[1]
-    for target in (Target("unix", str(tmp_path / "absent.sock")),
-                   Target("tcp", "127.0.0.1", dead_port)):
+    for target in (
+        Target("unix", str(tmp_path / "absent.sock")),
+        Target("tcp", "127.0.0.1", dead_port),
+    ):
         handler = ULogHandler(target)
         try:
             for i in range(200):
@@ -157,8 +159,9 @@ def test_missing_socket_or_dead_collector_drops_lines_without_blocking(tmp_path:
             handler.close()
 
 
-def test_full_queue_drops_instead_of_growing(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_full_queue_drops_instead_of_growing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(ulog, "QUEUE_SIZE", 0)
     path = tmp_path / "slow.sock"
     logger = logging.getLogger("forward.test.ulog")
@@ -181,9 +184,22 @@ def test_forward_sends_its_log_to_the_u_socket(rserve_qap: Rserve, tmp_path: Pat
         port = probe.getsockname()[1]
         probe.close()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port),
-             "-s", str(rserve_qap.socket), "-u", str(path)],
-            cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [
+                sys.executable,
+                "-m",
+                "forward",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-s",
+                str(rserve_qap.socket),
+                "-u",
+                str(path),
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
             texts = []

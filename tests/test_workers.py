@@ -75,10 +75,28 @@ async def test_two_workers_share_the_port_and_survive_a_kill(
         ns.bind(str(notify_path))
         ns.settimeout(30)
         proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-            [sys.executable, "-m", "forward", "--workers", "2", "-b", "127.0.0.1",
-             "-p", str(port), "--admin-port", str(admin), "-s", str(rserve_qap.socket),
-             "-u", "", "--log-level", "warning"],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "forward",
+                "--workers",
+                "2",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--admin-port",
+                str(admin),
+                "-s",
+                str(rserve_qap.socket),
+                "-u",
+                "",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
         )
         try:
@@ -126,9 +144,23 @@ async def test_workers_stop_when_the_parent_is_killed(rserve_qap: Rserve, tmp_pa
         ns.bind(str(notify_path))
         ns.settimeout(30)
         proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "forward", "--workers", "2", "-b", "127.0.0.1",
-             "-p", str(port), "-s", str(rserve_qap.socket), "-u", ""],
-            cwd=ROOT, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "forward",
+                "--workers",
+                "2",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-s",
+                str(rserve_qap.socket),
+                "-u",
+                "",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
         )
         try:
@@ -151,9 +183,23 @@ def test_a_worker_that_cannot_start_stops_the_whole(tmp_path: Path) -> None:
     # The Rserve socket path is fine, but the unix listener's directory does not exist: the
     # parent cannot bind and says so once, before any worker starts.
     out = subprocess.run(
-        [sys.executable, "-m", "forward", "--workers", "2", "-p", "-1", "-u", "",
-         "--listen-unix", str(tmp_path / "no" / "such" / "dir.sock")],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "forward",
+            "--workers",
+            "2",
+            "-p",
+            "-1",
+            "-u",
+            "",
+            "--listen-unix",
+            str(tmp_path / "no" / "such" / "dir.sock"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert out.returncode == 1
