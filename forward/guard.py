@@ -249,9 +249,20 @@ class HeaderDeadline:
             asyncio.get_running_loop().call_later(self._timeout, self._expire, handler)
         return handler
 
-    def _expire(self, handler: Any) -> None:
+    # A TLS handshake still running at the deadline has its own timeout (tls.HANDSHAKE_TIMEOUT,
+    # 30 s); the header deadline is checked again after it, so that a slow handshake does not
+    # buy a connection unlimited time for its header.
+    RECHECKS = 4
+
+    def _expire(self, handler: Any, rechecks: int = RECHECKS) -> None:
+        if handler.transport is None:  # not connected yet: the TLS handshake is still running
+            if rechecks > 0:
+                asyncio.get_running_loop().call_later(
+                    self._timeout, self._expire, handler, rechecks - 1
+                )
+            return
         # aiohttp counts a request once its header is complete.
-        if handler.transport is None or handler._request_count > 0:
+        if handler._request_count > 0:
             return
         peer = handler.transport.get_extra_info("peername")
         log.warning(

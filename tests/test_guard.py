@@ -231,3 +231,35 @@ async def test_dead_peer_found_by_pings_and_r_side_ended(
         await asyncio.wait_for(echo.closed.wait(), 20)
         await ws.close()
     await works(fwd)
+
+
+async def test_slow_tls_handshake_does_not_lift_the_header_deadline(
+    echo: FakeRserve, start_forward: StartForward, tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    fwd = await start_forward(echo.path, header_timeout=0.3, ssl_context=server_ctx)
+    raw = socket.create_connection(("127.0.0.1", fwd.server.port("http")))
+    try:
+        await asyncio.sleep(0.5)  # the handshake starts after the header deadline has passed
+        reader, writer = await asyncio.open_connection(
+            sock=raw, ssl=client_ctx, server_hostname="127.0.0.1"
+        )
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await writer.drain()
+        try:
+            data = await asyncio.wait_for(reader.read(100), 20)
+        except (ConnectionError, ssl.SSLError):
+            data = b""
+        assert data == b""  # closed without an answer
+        writer.close()
+    finally:
+        raw.close()
