@@ -25,6 +25,7 @@ import trustme
 from forward.app import Server
 from forward.config import Config
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: the CLI runs from here
 RSERVE = Path("/usr/lib/R/site-library/Rserve/libs/Rserve")
 C_FORWARD = RSERVE.parent / "forward"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -158,6 +159,13 @@ def fresh_rserve(tmp_path: Path) -> Iterator[Callable[..., Rserve]]:
     yield make
     for r in started:
         r.stop()
+
+
+def free_port() -> int:
+    """A port for tests that start the CLI, which takes a number (0 would disable -p). It is
+    free now; nothing else on the machine is expected to race for it."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
 
 
 def bound(host: str = "127.0.0.1") -> socket.socket:

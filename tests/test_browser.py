@@ -16,7 +16,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from forward.rexp import strings
 
-from .conftest import IN_CI, PKI, Rserve
+from .conftest import IN_CI, PKI, ROOT, Rserve, free_port
 from .rclient import RClient
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC_ROOT = ROOT / "demo" / "www"
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -70,14 +68,6 @@ def spki_hash(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
-def free_port() -> int:
-    # The CLI takes a port number (0 disables -p), so one is picked here; start_cli retries if
-    # another process takes it in between.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

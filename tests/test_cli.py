@@ -14,10 +14,8 @@ import pytest
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
 
-from .conftest import Rserve
+from .conftest import ROOT, Rserve, free_port
 from .rclient import RClient
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_forward(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -128,11 +126,6 @@ def test_port_in_use_fails_before_serving() -> None:
 def test_validate_rejects_cert_without_key() -> None:
     with pytest.raises(ConfigError, match="-c <cert> needs the private key"):
         Config(tls_cert="c.pem").validate()
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.rserve

@@ -13,7 +13,7 @@ from forward import configfile
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT
 
 FULL = """
 http-port = 8080

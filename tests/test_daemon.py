@@ -13,10 +13,8 @@ import pytest
 
 from forward.daemon import PidFile, notify
 
-from .conftest import Rserve
+from .conftest import ROOT, Rserve
 from .rclient import RClient
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_notify_without_socket_does_nothing() -> None:

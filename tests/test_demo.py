@@ -20,10 +20,9 @@ import pytest
 from forward.qap import Cmd, Xt
 from forward.rexp import RObj, strings
 
-from .conftest import Rserve, StartForward, need_rserve
+from .conftest import ROOT, Rserve, StartForward, free_port, need_rserve
 from .rclient import RClient
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
 
 pytestmark = pytest.mark.rserve
@@ -109,13 +108,6 @@ def processes_with(arg: str) -> list[int]:
             if arg.encode() in cmdline:
                 pids.append(int(proc.name))
     return pids
-
-
-def free_port() -> int:
-    # scripts/demo takes a port number; one is picked here (the demo binds 127.0.0.1 only).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["https", "http"])

@@ -29,10 +29,9 @@ from forward.app import Server, bind_unix
 from forward.config import Config
 from forward.stats import Stat, Stats
 
-from .conftest import IN_CI, Rserve, StartForward
+from .conftest import IN_CI, ROOT, Rserve, StartForward, free_port
 from .rclient import RClient
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -44,11 +43,6 @@ def need(tool: str | None, name: str) -> str:
     if IN_CI:
         pytest.fail(f"{name} is required in CI (scripts/install-deps installs it)")
     pytest.skip(f"{name} is not installed")
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from forward import qap
 
-from .conftest import Rserve, StartForward
+from .conftest import ROOT, Rserve, StartForward, free_port
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def refused(port: int) -> bool:
@@ -65,11 +61,6 @@ async def test_sessions_left_after_the_drain_get_the_shutdown_notice(
         assert notice.type is aiohttp.WSMsgType.BINARY and notice.data == qap.SHUTDOWN_NOTICE
         closing = await c.ws.receive()
         assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 async def test_sigterm_drains_then_exits_zero(rserve_qap: Rserve) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import IN_CI, Rserve, StartForward
+from .conftest import IN_CI, ROOT, Rserve, StartForward
 
-ROOT = Path(__file__).resolve().parent.parent
 JS_TESTS = sorted((ROOT / "tests" / "js").glob("*.test.mjs"))
 
 

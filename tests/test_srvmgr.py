@@ -8,16 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from forward import srvmgr
 from forward.srvmgr import ServerManager, parse
 
-from .conftest import Rserve
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, Rserve, free_port
 
 
 class Manager:
@@ -43,11 +40,6 @@ class Manager:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 def test_parse() -> None:

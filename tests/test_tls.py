@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from forward import tls
 from forward.config import Config, ConfigError
 from forward.tls import ClientPolicy, parse_policy, refusal
 
-from .conftest import IN_CI, PKI, Rserve, Running, StartForward
+from .conftest import IN_CI, PKI, Rserve, Running, StartForward, free_port
 from .fakes import FakeRserve
 from .rclient import RClient
 
@@ -595,13 +594,6 @@ async def test_reload_keeps_sessions_and_serves_the_new_certificate(
         async with await RClient.connect(fwd.url("ws"), ssl_context=trusting(new_ca)) as after:
             assert (await after.eval("3")).value == [3.0]
         assert (await before.eval("x")).value == [1.0]
-
-
-def free_port() -> int:
-    # The CLI needs a port number; this one is free now and stays so unless something races us.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def read_until(stream: asyncio.StreamReader, text: str, seen: list[str]) -> None:

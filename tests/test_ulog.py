@@ -19,9 +19,8 @@ import pytest
 from forward import ulog
 from forward.ulog import Target, ULogHandler, format_line, parse_target
 
-from .conftest import Rserve
+from .conftest import ROOT, Rserve
 
-ROOT = Path(__file__).resolve().parent.parent
 LINE = re.compile(
     rb"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) forward (?P<pid>\d+) - - (?P<text>.*)$"
 )

@@ -15,17 +15,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Rserve
+from .conftest import ROOT, Rserve, free_port
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> set[int]:
