@@ -236,6 +236,13 @@ class Config:
         help="serve files through symbolic links that lead out of the document root "
         "(default: refused with 403; links that stay inside are always followed)",
     )
+    serve_dotfiles: bool = _opt(
+        False,
+        "--serve-dotfiles",
+        action="store_true",
+        help="serve files and directories whose name starts with a dot (.git, .env); by "
+        "default they are answered as missing, except .well-known",
+    )
     max_body_size: int = _opt(
         64 * 1024 * 1024,
         "--max-body-size",

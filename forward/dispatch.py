@@ -19,7 +19,7 @@ from .static import DocRoot, Refusal, StaticFiles, parse_target
 def make_http_handler(config: Config) -> Handler:
     """The handler for non-WebSocket requests; raises ConfigError if `-r` is not a directory."""
     try:
-        docroot = DocRoot.open(config.doc_root, config.follow_symlinks)
+        docroot = DocRoot.open(config.doc_root, config.follow_symlinks, config.serve_dotfiles)
     except OSError:
         raise ConfigError(f"-r {config.doc_root}: not a directory") from None
     static = StaticFiles(docroot)

@@ -184,13 +184,14 @@ class DocRoot:
 
     root: str
     follow_symlinks: bool = False
+    dotfiles: bool = False
 
     @classmethod
-    def open(cls, directory: str, follow_symlinks: bool = False) -> DocRoot:
+    def open(cls, directory: str, follow_symlinks: bool = False, dotfiles: bool = False) -> DocRoot:
         root = os.path.realpath(directory)
         if not os.path.isdir(root):
             raise NotADirectoryError(directory)
-        return cls(root, follow_symlinks)
+        return cls(root, follow_symlinks, dotfiles)
 
     def _step(self, path: str) -> os.stat_result:
         """lstat one component; through a symlink only if it stays inside (or that is allowed)."""
@@ -219,6 +220,12 @@ class DocRoot:
 
     def resolve(self, target: Target) -> tuple[str, os.stat_result]:
         """A regular file to serve for `target`: the file itself, or a directory's index.html."""
+        if not self.dotfiles and any(
+            seg.startswith(".") and seg != ".well-known" for seg in target.segments
+        ):
+            # .git/, .env, .htpasswd: a document root copied from a checkout often has them.
+            # Answered as missing, so that their presence is not disclosed either.
+            raise Refusal(404, "Not found.")
         try:
             path, st = self.walk(target.segments)
             if stat.S_ISDIR(st.st_mode):

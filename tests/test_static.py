@@ -442,3 +442,19 @@ async def test_mime_on_the_wire(tree: Path, start_forward: StartForward) -> None
 def test_doc_root_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a directory"):
         make_http_handler(replace(Config(), doc_root=str(tmp_path / "missing")))
+
+
+def test_dotfiles_are_hidden_unless_asked_for(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / ".env").write_text("SECRET=1\n")
+    (tmp_path / ".well-known").mkdir()
+    (tmp_path / ".well-known" / "acme").write_text("token\n")
+    hidden = DocRoot.open(str(tmp_path))
+    for path in ("/.git/config", "/.env", "/.git/"):
+        with pytest.raises(Refusal) as info:
+            hidden.resolve(parse_target(path))
+        assert info.value.status == 404
+    assert hidden.resolve(parse_target("/.well-known/acme"))[0].endswith("acme")
+    shown = DocRoot.open(str(tmp_path), dotfiles=True)
+    assert shown.resolve(parse_target("/.env"))[0].endswith(".env")
