@@ -255,14 +255,14 @@ class HeaderDeadline:
     RECHECKS = 4
 
     def _expire(self, handler: Any, rechecks: int = RECHECKS) -> None:
+        # aiohttp counts a request once its header is complete.
+        if handler._request_count > 0:
+            return
         if handler.transport is None:  # not connected yet: the TLS handshake is still running
             if rechecks > 0:
                 asyncio.get_running_loop().call_later(
                     self._timeout, self._expire, handler, rechecks - 1
                 )
-            return
-        # aiohttp counts a request once its header is complete.
-        if handler._request_count > 0:
             return
         peer = handler.transport.get_extra_info("peername")
         log.warning(

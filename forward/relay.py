@@ -1,11 +1,12 @@
 """One WebSocket <-> Rserve session: the async shell around `qap.py`.
 
-Rserve -> browser runs in the backend protocol's `data_received` callback: each chunk the
-`ServerStream` yields is written at once to the browser's transport as a WebSocket frame (a whole
-message as one frame, a long one as one fragmented message), and reading from Rserve pauses while
-the browser's transport is over its high-water mark. Browser -> Rserve runs in the request's task:
-aiohttp reassembles WebSocket messages, the `ClientStream` cuts them into QAP chunks and each is
-written to Rserve; the loop stops reading from the browser while Rserve's socket is full.
+Both directions run in transport callbacks, with no task per session. Rserve -> browser: each
+chunk the `ServerStream` yields from the backend protocol's `data_received` is written at once to
+the browser as a WebSocket frame (a whole message as one frame, a long one as one fragmented
+message); reading from Rserve pauses while the browser's transport is over its high-water mark.
+Browser -> Rserve: the `ServerWebSocket` (wsconn.py) hands over frame payloads as they arrive, the
+`ClientStream` cuts them into QAP chunks and they are written to Rserve; reading from the browser
+pauses while Rserve's socket is full.
 
 How each end's failure maps to the other (SPEC section 2):
 - Rserve cannot be reached, sends no valid greeting, or dies in the middle of a message: the
@@ -19,28 +20,22 @@ How each end's failure maps to the other (SPEC section 2):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
-
-from aiohttp import WSMsgType, web
+from typing import cast
 
 from . import qap
 from .stats import Slot, Stat
+from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ServerWebSocket
 from .wsframe import Opcode, frame_header
-
-if TYPE_CHECKING:
-    from aiohttp.base_protocol import BaseProtocol
 
 log = logging.getLogger(__name__)
 
 # Below this size header and payload are joined into one write; above it they go as two buffers.
 _JOIN_LIMIT = 16 * 1024
-# WebSocket close reasons are limited to 123 bytes of UTF-8.
-_REASON_MAX = 123
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +52,12 @@ class RelaySettings:
 
 
 class _Backend(asyncio.Protocol):
-    """The unix-socket end: hands bytes to the session and reports flow control."""
+    """The unix-socket end: hands bytes and flow control to the session."""
 
-    __slots__ = ("_drained", "_session", "transport")
+    __slots__ = ("_session", "transport")
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._drained: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,83 +72,69 @@ class _Backend(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._wake()
+        self._session.backend_writing(False)
         self._session.backend_lost(exc)
 
     def pause_writing(self) -> None:
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
+        self._session.backend_writing(True)
 
     def resume_writing(self) -> None:
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._drained is not None:
-            if not self._drained.done():
-                self._drained.set_result(None)
-            self._drained = None
-
-    async def drain(self) -> None:
-        if self._drained is not None:
-            await self._drained
+        self._session.backend_writing(False)
 
 
 class Session:
-    """State of one relayed session; the app keeps these in a set, nothing else is shared."""
+    """State of one relayed session; the app keeps these in a set, nothing else is shared.
+
+    No task runs for a session once it is open: both directions are transport callbacks."""
 
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_backend",
         "_backend_alive",
         "_client",
-        "_closer",
         "_counted",
         "_greeting_timer",
         "_heartbeat",
         "_last_activity",
+        "_on_end",
         "_pending",
         "_reading_paused",
-        "_request",
-        "_resumer",
         "_server",
         "_settings",
         "_started",
         "_stats",
         "_timers",
-        "_ws",
         "bytes_from_r",
         "bytes_to_r",
         "ended",
         "id",
         "label",
+        "ws",
     )
 
     def __init__(
         self,
-        request: web.Request,
-        ws: web.WebSocketResponse,
         settings: RelaySettings,
         label: str,
         session_id: int = 0,
+        on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.id = session_id
-        self.label = label  # "peer via listener", for the log
-        self._request = request
-        self._ws = ws
+        self.label = label  # "peer on listener", for the log
+        self.ws: ServerWebSocket | None = None
+        self._on_end = on_end
         self._settings = settings
         limit = settings.max_message_size or None
         self._server = qap.ServerStream(settings.max_result_size or None)
         self._client = qap.ClientStream(limit)
         self._backend: _Backend | None = None
         self._backend_alive = False
-        self._reading_paused = False
         self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
+        self._reading_paused = False  # reading from R paused: the browser is not keeping up
         self._heartbeat: asyncio.TimerHandle | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._greeting_timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
-        self._closer: asyncio.Task[bool] | None = None
-        self._resumer: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._stats = settings.stats
         self._counted = False
@@ -168,21 +148,30 @@ class Session:
 
     # -- the session's life ------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def start(self) -> None:
+        """Connect to Rserve; the browser's frames wait (HOLD_CONNECTING) until this is done."""
+        ws = self.ws
+        assert ws is not None
         loop = asyncio.get_running_loop()
         path = self._settings.socket
         try:
             async with asyncio.timeout(self._settings.backend_timeout):
                 sock = await connect_unix(path)
                 _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
+        except asyncio.CancelledError:
+            self.close(1001, "forward is shutting down", ended="cancelled at shutdown")
+            raise
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             log.warning(
                 "session %d from %s: cannot reach Rserve at %s: %s", self.id, self.label, path, why
             )
-            self.ended = "Rserve unreachable"
             self._stats.add(Stat.BACKEND_FAILURES)
-            await self._ws.close(code=1011, message=_reason(f"Rserve unavailable: {why}"))
+            self.close(1011, f"Rserve unavailable: {why}", ended="Rserve unreachable")
+            return
+        if ws.transport is None:  # the browser left while we connected
+            if backend.transport is not None:
+                backend.transport.close()
             return
         self._backend, self._backend_alive = backend, True
         self._stats.add(Stat.SESSIONS_TOTAL)
@@ -199,31 +188,7 @@ class Session:
             self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
         if settings.max_lifetime > 0:
             self._timers.append(loop.call_later(settings.max_lifetime, self._expire))
-        try:
-            await self._from_browser()
-        except asyncio.CancelledError:
-            self.ended = "cancelled at shutdown"
-            raise
-        finally:
-            self._finish()
-
-    async def _from_browser(self) -> None:
-        ws = self._ws
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                data: bytes = msg.data
-            elif msg.type is WSMsgType.TEXT:
-                # Same as the C forward: a text frame's bytes are part of the QAP stream.
-                data = msg.data.encode()
-            else:  # ERROR: aiohttp has already closed the WebSocket with a suitable code
-                self.ended = f"WebSocket error: {ws.exception()}"
-                return
-            self._to_backend(data)
-            backend = self._backend
-            if backend is not None:
-                await backend.drain()
-        if self.ended == "open":
-            self.ended = f"browser closed ({ws.close_code})"
+        ws.release(HOLD_CONNECTING)
 
     def _finish(self) -> None:
         if self._counted:
@@ -249,17 +214,62 @@ class Session:
             self.ended,
         )
 
-    def close(self, code: int, reason: str, *, notice: bool = False) -> None:
-        """End the session from outside the request task (protocol errors, server shutdown)."""
-        if self._closer is not None or self._ws.closed:
+    def close(
+        self, code: int, reason: str, *, notice: bool = False, ended: str | None = None
+    ) -> None:
+        """End the session: the close handshake with the browser, and Rserve's connection
+        closed at once (nothing more can be relayed either way)."""
+        ws = self.ws
+        if ws is None or ws.closing or ws.transport is None:
             return
         if notice and not self._server.in_message:
             self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
         if self.ended == "open":
-            self.ended = reason
-        self._closer = asyncio.get_running_loop().create_task(
-            self._ws.close(code=code, message=_reason(reason))
-        )
+            self.ended = ended or reason
+        ws.close(code, reason)
+        backend, self._backend = self._backend, None
+        self._backend_alive = False
+        if backend is not None and backend.transport is not None:
+            backend.transport.close()
+
+    # -- what the browser's WebSocket reports ------------------------------------------------
+
+    def ws_data(self, data: bytearray) -> None:
+        self._to_backend(data)
+
+    def ws_error(self, code: int, reason: str) -> None:
+        log.warning("session %d from %s: %s", self.id, self.label, reason)
+        if self.ended == "open":
+            self.ended = f"WebSocket error: {reason}"
+
+    def ws_pause_writing(self) -> None:
+        # The browser is not keeping up: stop reading from R, so that TCP pushes back on R.
+        backend = self._backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.pause_reading()
+            self._reading_paused = True
+
+    def ws_resume_writing(self) -> None:
+        backend = self._backend
+        self._reading_paused = False
+        if backend is not None and backend.transport is not None:
+            backend.transport.resume_reading()
+
+    def ws_closed(self, why: str) -> None:
+        if self.ended == "open":
+            self.ended = why
+        self._finish()
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self)
+
+    def backend_writing(self, paused: bool) -> None:
+        ws = self.ws
+        if ws is not None:
+            if paused:
+                ws.hold(HOLD_BACKEND_FULL)
+            else:
+                ws.release(HOLD_BACKEND_FULL)
 
     # -- browser -> Rserve -------------------------------------------------------------------
 
@@ -286,9 +296,7 @@ class Session:
         log.info("session %d from %s: lifetime of %g s reached", self.id, self.label, limit)
         self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
 
-    def _to_backend(self, data: bytes) -> None:
-        if self._closer is not None:
-            return  # closing after a protocol error: nothing more may reach R
+    def _to_backend(self, data: bytearray) -> None:
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
         backend = self._backend if self._backend_alive else None
@@ -308,6 +316,7 @@ class Session:
                 "session %d from %s: refused browser data: %s", self.id, self.label, exc.reason
             )
             self.close(exc.close_code, exc.reason)
+            return
         if out and backend is not None and backend.transport is not None:
             try:
                 backend.transport.writelines(out)
@@ -332,8 +341,8 @@ class Session:
         self._stats.add(Stat.BYTES_FROM_R, len(data))
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
-        transport = self._request.transport
-        if transport is None or transport.is_closing():
+        ws = self.ws
+        if ws is None or ws.closing or ws.transport is None:
             return
         try:
             for item in self._server.feed(data):
@@ -361,36 +370,14 @@ class Session:
             log.warning("session %d from %s: %s", self.id, self.label, reason)
             self._lose_backend()
             self.close(exc.close_code, reason)
-            return
         except qap.QAPError as exc:
             log.warning("session %d from %s: %s", self.id, self.label, exc.reason)
             self._lose_backend()
             self.close(exc.close_code, exc.reason)
-            return
-        protocol: BaseProtocol | None = self._request.protocol
-        if protocol is not None and protocol.writing_paused and not self._reading_paused:
-            self._pause_backend(protocol)
 
     def _answered(self) -> None:
         if self._pending:
             self._pending.pop()
-
-    def _pause_backend(self, protocol: BaseProtocol) -> None:
-        backend = self._backend
-        if backend is None or backend.transport is None:
-            return
-        backend.transport.pause_reading()
-        self._reading_paused = True
-
-        async def resume() -> None:
-            # The same wait aiohttp's own WebSocket writer does when the transport is full.
-            with contextlib.suppress(ConnectionError):
-                await protocol._drain_helper()
-            self._reading_paused = False
-            if backend.transport is not None:
-                backend.transport.resume_reading()
-
-        self._resumer = asyncio.get_running_loop().create_task(resume())
 
     def backend_lost(self, exc: Exception | None) -> None:
         self._backend_alive = False
@@ -421,6 +408,8 @@ class Session:
         backend = self._backend
         if backend is not None and backend.transport is not None:
             backend.transport.abort()
+        if self.ws is not None:
+            self.ws.release(HOLD_BACKEND_FULL)
         # Newest first: nested OCAP calls unwind like a stack.
         while self._pending:
             self._answer_broken(self._pending.pop())
@@ -428,14 +417,14 @@ class Session:
     # -- frames ------------------------------------------------------------------------------
 
     def _write_frame(self, opcode: int, data: bytes | memoryview, fin: bool = True) -> None:
-        transport = self._request.transport
-        if transport is None or transport.is_closing() or self._ws.closed:
+        ws = self.ws
+        if ws is None or ws.closing:
             return
         head = frame_header(opcode, fin, len(data))
         if len(data) <= _JOIN_LIMIT:
-            transport.write(head + data)
+            ws.write(head + data)
         else:
-            transport.writelines((head, data))
+            ws.writelines((head, data))
 
     def _beat(self) -> None:
         # Only between messages: a data frame inside a fragmented message would corrupt it, and a
@@ -470,15 +459,3 @@ async def connect_unix(path: str) -> socket.socket:
             sock.close()
             raise
         return sock
-
-
-def _reason(text: str) -> bytes:
-    raw = text.encode()
-    return raw if len(raw) <= _REASON_MAX else raw[: _REASON_MAX - 3] + b"..."
-
-
-def first_subprotocol(request: web.Request) -> tuple[str, ...]:
-    """The first protocol the browser offers, which is what the session answers with."""
-    offered = request.headers.get("Sec-WebSocket-Protocol", "")
-    first = offered.split(",", 1)[0].strip()
-    return (first,) if first else ()

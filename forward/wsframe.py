@@ -1,25 +1,56 @@
-"""WebSocket frame headers (RFC 6455 §5.2) for frames a server writes itself.
+"""WebSocket framing (RFC 6455 section 5) for the server end of a session, as pure code.
 
-The relay writes data frames straight to the transport so that a large QAP message can stream
-through as one fragmented WebSocket message (first frame, continuations, FIN on the last) without
-being collected in memory first; aiohttp's writer always sets FIN. Server frames are unmasked, so a
-payload goes out as the very bytes Rserve sent. Control frames stay with aiohttp; they may legally
-fall between the fragments of a message, and each of our frames is written in one synchronous step.
+`frame_header` and `close_frame` build what the relay writes: server frames are unmasked, so a
+payload goes out as the very bytes Rserve sent, and a large QAP message streams through as one
+fragmented message (first frame, continuations, FIN on the last) without being collected first.
+
+`FrameParser` reads what a browser sends: bytes in, events out, no I/O. Data frame payloads are
+handed on as they arrive, unmasked, even a part of a frame at a time: the relay only needs the
+byte stream (QAP has its own message boundaries), so nothing is buffered but a partial frame
+header or a partial control frame. Text and binary frames both carry QAP bytes, as in the C
+forward; a text message must still be valid UTF-8 (1007 otherwise).
 """
 
 from __future__ import annotations
 
+import codecs
 import enum
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 
 _MEDIUM = struct.Struct("!BBH")
 _LARGE = struct.Struct("!BBQ")
+_CODE = struct.Struct("!H")
+
+
+def _mask_python(mask: bytes, data: bytearray) -> None:
+    # One XOR over the whole payload as a big integer: far faster than a loop over bytes.
+    n = len(data)
+    if n:
+        key = (mask * (n // 4 + 1))[:n]
+        data[:] = (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            n, "little"
+        )
+
+
+def _find_mask() -> Callable[[bytes, bytearray], None]:
+    # aiohttp ships a compiled XOR (several GB/s); it is not public API, so fall back to ours.
+    try:
+        from aiohttp._websocket.helpers import websocket_mask
+
+        return websocket_mask
+    except ImportError:  # pragma: no cover - depends on the aiohttp build
+        return _mask_python
 
 
 class Opcode(enum.IntEnum):
     CONTINUATION = 0x0
     TEXT = 0x1
     BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
 
 
 def frame_header(opcode: int, fin: bool, length: int) -> bytes:
@@ -29,3 +60,213 @@ def frame_header(opcode: int, fin: bool, length: int) -> bytes:
     if length < 0x10000:
         return _MEDIUM.pack(first, 126, length)
     return _LARGE.pack(first, 127, length)
+
+
+def control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    return frame_header(opcode, True, len(payload)) + payload
+
+
+# Close reasons are limited so that code and reason fit a control frame's 125 bytes.
+REASON_MAX = 123
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    raw = reason.encode()
+    if len(raw) > REASON_MAX:
+        raw = raw[: REASON_MAX - 3] + b"..."
+    return control_frame(Opcode.CLOSE, _CODE.pack(code) + raw)
+
+
+class ProtocolError(Exception):
+    """The browser broke RFC 6455: close with `code` and `reason`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int | None  # None: the close frame had no status code (reported as 1005)
+    reason: str
+
+
+# Data payloads are plain bytearrays: the common case stays a type check, not an attribute.
+Event = bytearray | Ping | Pong | Close
+
+# Close codes a peer may send (RFC 6455 section 7.4): 1004-1006 and 1015 are reserved for
+# reporting and never go on the wire; 1012-1014 are registered since.
+_SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+def _valid_close_code(code: int) -> bool:
+    return code in _SENDABLE or 3000 <= code <= 4999
+
+
+class FrameParser:
+    """Client-to-server frames of one connection."""
+
+    __slots__ = (
+        "_buf",
+        "_fin",
+        "_in_message",
+        "_mask",
+        "_mask_xor",
+        "_offset",
+        "_remaining",
+        "_text",
+    )
+
+    def __init__(self, mask: Callable[[bytes, bytearray], None] | None = None) -> None:
+        self._mask_xor = mask or _find_mask()
+        self._buf = b""  # a partial frame header or control frame
+        self._remaining = 0  # payload bytes still to come in the current data frame
+        self._mask = b""
+        self._offset = 0  # payload bytes of the current frame already seen (mask phase)
+        self._fin = False
+        self._in_message = False  # between the first and the FIN frame of a data message
+        # UTF-8 check of the text message being received (None: binary or no message).
+        self._text: codecs.IncrementalDecoder | None = None
+
+    @property
+    def in_frame(self) -> bool:
+        return self._remaining > 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        end = len(buf)
+        pos = 0
+        view = memoryview(buf)
+        while pos < end:
+            if self._remaining:
+                take = min(self._remaining, end - pos)
+                payload = bytearray(view[pos : pos + take])
+                pos += take
+                self._unmask(payload)
+                self._remaining -= take
+                if self._text is not None:
+                    self._check_text(payload, final=self._fin and not self._remaining)
+                events.append(payload)
+                if not self._remaining and self._fin:
+                    self._in_message = False
+                continue
+            header = self._header(buf, pos, end)
+            if header is None:
+                self._buf = bytes(view[pos:])
+                break
+            fin, opcode, length, size = header
+            if opcode >= 8:
+                if end - pos - size < length:
+                    self._buf = bytes(view[pos:])
+                    break
+                payload = bytearray(view[pos + size : pos + size + length])
+                self._mask_xor(bytes(view[pos + size - 4 : pos + size]), payload)
+                pos += size + length
+                events.append(self._control(opcode, bytes(payload)))
+                continue
+            self._begin(fin, opcode, length, bytes(view[pos + size - 4 : pos + size]))
+            pos += size
+            if length == 0 and fin:
+                if self._text is not None:
+                    self._check_text(bytearray(), final=True)
+                self._in_message = False
+        return events
+
+    def _header(self, buf: bytes, pos: int, end: int) -> tuple[bool, int, int, int] | None:
+        if end - pos < 2:
+            return None
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        if b0 & 0x70:
+            raise ProtocolError(1002, "reserved bits set (no extension was negotiated)")
+        if not b1 & 0x80:
+            raise ProtocolError(1002, "frame from the browser is not masked")
+        opcode = b0 & 0x0F
+        length = b1 & 0x7F
+        size = 6
+        if length == 126:
+            size = 8
+            if end - pos < size:
+                return None
+            length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+        elif length == 127:
+            size = 14
+            if end - pos < size:
+                return None
+            length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            if length >> 63:
+                raise ProtocolError(1002, "frame length out of range")
+        if end - pos < size:
+            return None
+        fin = bool(b0 & 0x80)
+        if opcode >= 8:
+            if opcode > Opcode.PONG:
+                raise ProtocolError(1002, f"unknown opcode {opcode}")
+            if not fin:
+                raise ProtocolError(1002, "fragmented control frame")
+            if length > 125:
+                raise ProtocolError(1002, "control frame longer than 125 bytes")
+        elif opcode > Opcode.BINARY:
+            raise ProtocolError(1002, f"unknown opcode {opcode}")
+        return fin, opcode, length, size
+
+    def _begin(self, fin: bool, opcode: int, length: int, mask: bytes) -> None:
+        if opcode == Opcode.CONTINUATION:
+            if not self._in_message:
+                raise ProtocolError(1002, "continuation frame outside a message")
+        else:
+            if self._in_message:
+                raise ProtocolError(1002, "new message before the previous one ended")
+            self._text = codecs.getincrementaldecoder("utf-8")() if opcode == Opcode.TEXT else None
+        self._in_message = True
+        self._fin = fin
+        self._remaining = length
+        self._mask = mask
+        self._offset = 0
+
+    def _unmask(self, payload: bytearray) -> None:
+        shift = self._offset & 3
+        mask = self._mask if not shift else self._mask[shift:] + self._mask[:shift]
+        self._mask_xor(mask, payload)
+        self._offset += len(payload)
+
+    def _check_text(self, payload: bytearray, *, final: bool) -> None:
+        assert self._text is not None
+        try:
+            self._text.decode(payload, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(1007, "text message is not valid UTF-8") from None
+        if final:
+            self._text = None
+
+    @staticmethod
+    def _control(opcode: int, payload: bytes) -> Event:
+        if opcode == Opcode.PING:
+            return Ping(payload)
+        if opcode == Opcode.PONG:
+            return Pong(payload)
+        if not payload:
+            return Close(None, "")
+        if len(payload) == 1:
+            raise ProtocolError(1002, "close frame with a 1-byte payload")
+        code = _CODE.unpack_from(payload)[0]
+        if not _valid_close_code(code):
+            raise ProtocolError(1002, f"invalid close code {code}")
+        try:
+            reason = payload[2:].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(1007, "close reason is not valid UTF-8") from None
+        return Close(code, reason)

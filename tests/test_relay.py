@@ -17,6 +17,7 @@ import pytest
 
 from forward import qap, rexp
 from forward.qap import Cmd, Header, Xt
+from forward.wsconn import HOLD_BACKEND_FULL
 
 from .conftest import Rserve, StartForward
 from .fakes import FakeRserve
@@ -531,13 +532,13 @@ async def test_slow_r_slows_the_browser_instead_of_growing_memory(
         messages = [Header(Cmd.EVAL, len(block), i).encode() + block for i in range(200)]
         sending = asyncio.create_task(_send_all(c, messages))
         (session,) = fwd.server.sessions
-        backend = session._backend
-        assert backend is not None
+        backend, ws = session._backend, session.ws
+        assert backend is not None and ws is not None
         for _ in range(500):
-            if backend._drained is not None:  # forward waits for R's socket to drain
+            if ws.held & HOLD_BACKEND_FULL:  # forward stops reading until R's socket drains
                 break
             await asyncio.sleep(0.01)
-        assert backend._drained is not None, "forward never waited for R"
+        assert ws.held & HOLD_BACKEND_FULL, "forward never waited for R"
         assert backend.transport is not None
         buffered = backend.transport.get_write_buffer_size()
         assert buffered < 16 * 2**20, f"{buffered} bytes held for a slow R"
