@@ -1,7 +1,8 @@
 """The HTTP access log, and the per-status request counter for /metrics.
 
 One line per HTTP request on the logger `forward.access` (the WebSocket upgrade included: status
-101, logged when the session ends; the relay logs its own line with the session's figures):
+101, logged once the session is open; the relay logs its own line with the session's figures when
+it ends):
 client, method, path, status, response size, time. The client is the guard's answer: the peer,
 or, when the peer is a `--trusted-proxy`, the address it forwarded (`X-Forwarded-For`, else
 `X-Real-IP`); a header from any other peer is ignored, since anyone can send one.

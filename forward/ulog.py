@@ -116,13 +116,24 @@ class _Sender:
         self.dropped = 0
 
     def send(self, line: bytes) -> None:
+        now = time.monotonic()
+        if now < self.retry_at:
+            # The collector failed a moment ago: drop without a system call. The default
+            # `-u ulog_socket` is usually absent, and trying (a socket, a failed send) for every
+            # line cost more CPU than relaying the session the line is about.
+            self.dropped += 1
+            return
         try:
             self._send(line)
         except OSError as exc:
-            self._close()
+            if self.target.kind == "tcp":
+                self._close()
+            self.retry_at = now + self.retry_delay
+            self.retry_delay = min(self.retry_delay * 2, RETRY_MAX)
             self.dropped += 1
             self._note_failure(exc.strerror or str(exc) or type(exc).__name__)
             return
+        self.retry_delay = RETRY_MIN
         if self.failing is not None:
             _stderr(f"ulog: sending to {self.target} works again ({self.dropped} line(s) dropped)")
             self.failing = None
@@ -131,16 +142,7 @@ class _Sender:
         t = self.target
         if t.kind == "tcp":
             if self.sock is None:
-                now = time.monotonic()
-                if now < self.retry_at:
-                    raise OSError("collector unreachable, waiting to retry")
-                try:
-                    self.sock = socket.create_connection((t.address, t.port), SEND_TIMEOUT)
-                except OSError:
-                    self.retry_at = now + self.retry_delay
-                    self.retry_delay = min(self.retry_delay * 2, RETRY_MAX)
-                    raise
-                self.retry_delay = RETRY_MIN
+                self.sock = socket.create_connection((t.address, t.port), SEND_TIMEOUT)
             self.sock.sendall(line + b"\n")
             return
         if self.sock is None:
@@ -183,6 +185,7 @@ class ULogHandler(logging.Handler):
         self._size = 0  # approximate: SimpleQueue has no bound of its own
         self._lock_size = threading.Lock()
         self._sender = _Sender(target)
+        self._skipped = 0  # lines dropped here, in the logging thread, while the sender waits
         if quiet_when_missing:
             # The C forward's default (-u ulog_socket) is usually absent: do not complain.
             self._sender.failing = "No such file or directory"
@@ -192,9 +195,12 @@ class ULogHandler(logging.Handler):
 
     @property
     def dropped(self) -> int:
-        return self._sender.dropped
+        return self._sender.dropped + self._skipped
 
     def emit(self, record: logging.LogRecord) -> None:
+        if time.monotonic() < self._sender.retry_at:
+            self._skipped += 1  # backing off: not even worth formatting the line
+            return
         try:
             line = format_line(
                 self.format(record),

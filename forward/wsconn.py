@@ -133,6 +133,7 @@ class ServerWebSocket(asyncio.Protocol):
         "_close_timer",
         "_handler",
         "_heard",
+        "_held_data",
         "_holds",
         "_parser",
         "_ping_interval",
@@ -149,6 +150,7 @@ class ServerWebSocket(asyncio.Protocol):
         self._handler = handler
         self._parser = wsframe.FrameParser()
         self._holds = 0
+        self._held_data = b""  # what arrived while HOLD_CONNECTING: handled on release
         self.closing = False  # a close frame has been sent: no more data either way
         self._close_timer: asyncio.TimerHandle | None = None
         self._ping_interval = ping_interval
@@ -178,6 +180,9 @@ class ServerWebSocket(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
+        if self._holds & HOLD_CONNECTING:
+            self._held_data += data
+            return
         try:
             events = self._parser.feed(data)
         except ProtocolError as exc:
@@ -242,6 +247,9 @@ class ServerWebSocket(asyncio.Protocol):
     def release(self, why: int) -> None:
         held = self._holds
         self._holds &= ~why
+        if held & why & HOLD_CONNECTING and self._held_data:
+            data, self._held_data = self._held_data, b""
+            self.data_received(data)
         if held and not self._holds and self.transport is not None:
             self.transport.resume_reading()
 
@@ -254,6 +262,7 @@ class ServerWebSocket(asyncio.Protocol):
         self.write(wsframe.close_frame(code, reason))
         if self._holds:
             self._holds = 0
+            self._held_data = b""
             self.transport.resume_reading()  # the browser's answer must get through
         self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 

@@ -158,6 +158,40 @@ def test_missing_socket_or_dead_collector_drops_lines_without_blocking(tmp_path:
             handler.close()
 
 
+def test_missing_collector_is_retried_with_backoff_not_per_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every line used to try the socket again: with the default `-u` (usually absent) that was
+    a third of forward's CPU while sessions opened. Now a failure waits RETRY_MIN, then longer."""
+    attempts = 0
+    real_send = ulog._Sender._send
+
+    def counting(self: ulog._Sender, line: bytes) -> None:
+        nonlocal attempts
+        attempts += 1
+        real_send(self, line)
+
+    monkeypatch.setattr(ulog._Sender, "_send", counting)
+    monkeypatch.setattr(ulog, "RETRY_MIN", 0.3)
+    path = tmp_path / "late.sock"
+    logger = logging.getLogger("forward.test.ulog")
+    handler = ULogHandler(Target("unix", str(path)))
+    try:
+        for i in range(500):
+            emit(logger, handler, f"line {i}")
+        handler.flush()
+        assert handler.dropped == 500 and attempts == 1
+        with dgram_collector(path) as coll:
+            time.sleep(0.4)  # past the first retry delay
+            emit(logger, handler, "back")
+            handler.flush()
+            coll.settimeout(5)
+            assert coll.recv(65536).endswith(b"back")
+            assert attempts == 2
+    finally:
+        handler.close()
+
+
 def test_full_queue_drops_instead_of_growing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1,0 +1,298 @@
+"""The WebSocket end forward runs itself after the upgrade (wsconn.py), seen from the wire.
+
+A raw socket plays the browser, so that each case can send exactly the bytes it needs: frames
+the RFC forbids, frames pipelined behind the upgrade request, a ping between the fragments of a
+message. The relay's behaviour with real Rserve is covered in test_relay.py and test_soak.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from forward.qap import Cmd, Header
+from forward.wsframe import Opcode
+
+from .conftest import Rserve, Running, StartForward
+from .fakes import ID_STRING, FakeRserve
+from .rclient import RClient
+from .test_wsframe import client_frame
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # the example of RFC 6455 section 1.3
+
+
+@pytest.fixture
+async def echo(tmp_path: Path) -> AsyncIterator[FakeRserve]:
+    fake = await FakeRserve(tmp_path / "echo.sock").start()
+    yield fake
+    await fake.stop()
+
+
+def upgrade(port: int, *, key: str = KEY, extra: str = "") -> bytes:
+    return (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n{extra}\r\n"
+    ).encode()
+
+
+V13 = "Sec-WebSocket-Version: 13\r\n"
+
+
+class Peer:
+    """A browser at the byte level."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, fwd: Running, first: bytes | None = None, **kw: str) -> Peer:
+        port = fwd.server.port("http")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            upgrade(port, **kw, extra=V13 + kw.pop("extra", "")) if first is None else first
+        )
+        return cls(reader, writer)
+
+    async def head(self) -> bytes:
+        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+
+    async def frame(self) -> tuple[int, bool, bytes]:
+        b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), 10)
+        assert not b1 & 0x80, "server frames are never masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+        return b0 & 0x0F, bool(b0 & 0x80), await self.reader.readexactly(n)
+
+    async def data_frame(self) -> tuple[int, bool, bytes]:
+        while True:
+            opcode, fin, payload = await self.frame()
+            if opcode not in (Opcode.PING, Opcode.PONG):
+                return opcode, fin, payload
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def qap_call(payload: bytes, msg_id: int = 1) -> bytes:
+    return Header(Cmd.EVAL, len(payload), msg_id).encode() + payload
+
+
+async def test_handshake_answer_by_the_rfc(echo: FakeRserve, start_forward: StartForward) -> None:
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(
+        fwd,
+        extra="Sec-WebSocket-Protocol: chat, superchat\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    head = (await peer.head()).decode()
+    assert head.startswith("HTTP/1.1 101 ")
+    assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+    assert "Sec-WebSocket-Protocol: chat\r\n" in head  # the first one offered, like the C forward
+    assert "Extensions" not in head  # no compression: QAP payloads are mostly binary
+    assert await peer.data_frame() == (Opcode.TEXT, True, ID_STRING)
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "status", "words"),
+    [
+        ("version 8", "426", "Unsupported WebSocket version 8"),
+        ("no version", "426", "Unsupported WebSocket version (none)"),
+        ("short key", "400", "invalid Sec-WebSocket-Key"),
+        ("bad protocol", "400", "invalid subprotocol"),
+    ],
+)
+async def test_bad_handshakes_get_a_clear_http_answer(
+    echo: FakeRserve, start_forward: StartForward, first: str, status: str, words: str
+) -> None:
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port("http")
+    request = {
+        "version 8": upgrade(port, extra="Sec-WebSocket-Version: 8\r\n"),
+        "no version": upgrade(port),
+        "short key": upgrade(port, key=base64.b64encode(b"short").decode(), extra=V13),
+        "bad protocol": upgrade(port, extra=V13 + "Sec-WebSocket-Protocol: a/b\r\n"),
+    }[first]
+    peer = await Peer.open(fwd, request)
+    head = (await peer.head()).decode()
+    assert head.startswith(f"HTTP/1.1 {status} ")
+    if status == "426":
+        assert "Sec-WebSocket-Version: 13\r\n" in head
+    body = await asyncio.wait_for(peer.reader.read(200), 10)
+    assert words in body.decode()
+    peer.close()
+    assert echo.connections == 0  # refused before R was asked for anything
+    async with await RClient.connect(fwd.url()) as c:  # and the server goes on
+        await c.send(Cmd.EVAL, b"x", msg_id=1)
+        assert (await c.response()).payload == b"x"
+
+
+async def test_frames_sent_with_the_upgrade_request_reach_r(
+    echo: FakeRserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port("http")
+    calls = qap_call(b"first", 1) + qap_call(b"second", 2)
+    pipelined = (
+        upgrade(port, extra=V13)
+        + client_frame(Opcode.BINARY, calls[:20])
+        + client_frame(Opcode.BINARY, calls[20:])
+    )
+    peer = await Peer.open(fwd, pipelined)
+    assert (await peer.head()).startswith(b"HTTP/1.1 101 ")
+    assert await peer.data_frame() == (Opcode.TEXT, True, ID_STRING)
+    for msg_id, body in ((1, b"first"), (2, b"second")):
+        opcode, fin, payload = await peer.data_frame()
+        assert (opcode, fin) == (Opcode.BINARY, True)
+        assert Header.parse(payload[:16]).msg_id == msg_id and payload[16:] == body
+    peer.close()
+    assert bytes(echo.received[0]) == calls
+
+
+async def test_ping_between_fragments_is_answered_and_the_message_arrives_whole(
+    echo: FakeRserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(fwd)
+    await peer.head()
+    await peer.data_frame()  # greeting
+    body = os.urandom(5000)
+    call = qap_call(body, 7)
+    peer.writer.write(
+        client_frame(Opcode.BINARY, call[:100], fin=False)
+        + client_frame(Opcode.PING, b"still there?")
+        + client_frame(Opcode.CONTINUATION, call[100:], fin=True)
+    )
+    assert await peer.frame() == (Opcode.PONG, True, b"still there?")
+    opcode, fin, payload = await peer.data_frame()
+    assert (opcode, fin, payload[16:]) == (Opcode.BINARY, True, body)
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "words"),
+    [
+        (bytes((0x82, 5)) + b"hello", 1002, "not masked"),
+        (client_frame(Opcode.BINARY, b"x", rsv=0x40), 1002, "reserved bits"),
+        (client_frame(Opcode.TEXT, b"\xc3\x28"), 1007, "not valid UTF-8"),
+        (client_frame(0x5, b""), 1002, "unknown opcode"),
+    ],
+)
+async def test_protocol_errors_close_with_a_code_and_end_the_r_side(
+    echo: FakeRserve, start_forward: StartForward, frame: bytes, code: int, words: str
+) -> None:
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(fwd)
+    await peer.head()
+    await peer.data_frame()
+    peer.writer.write(frame)
+    opcode, _, payload = await peer.data_frame()
+    assert opcode == Opcode.CLOSE
+    assert struct.unpack("!H", payload[:2])[0] == code and words in payload[2:].decode()
+    await asyncio.wait_for(echo.closed.wait(), 10)  # R's connection ended with the session
+    peer.writer.write(client_frame(Opcode.CLOSE, struct.pack("!H", code)))
+    assert await peer.closed()
+    peer.close()
+    async with await RClient.connect(fwd.url()) as c:
+        await c.send(Cmd.EVAL, b"y", msg_id=1)
+        assert (await c.response()).payload == b"y"
+
+
+async def test_browser_close_is_answered_and_the_connection_ends(
+    echo: FakeRserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(fwd)
+    await peer.head()
+    await peer.data_frame()
+    peer.writer.write(client_frame(Opcode.CLOSE, struct.pack("!H", 1000) + b"bye"))
+    assert await peer.data_frame() == (Opcode.CLOSE, True, struct.pack("!H", 1000))
+    assert await peer.closed()  # the server closes TCP first (RFC 6455 section 7.1.1)
+    await asyncio.wait_for(echo.closed.wait(), 10)
+    for _ in range(100):
+        if not fwd.server.sessions:
+            break
+        await asyncio.sleep(0.01)
+    assert not fwd.server.sessions
+
+
+async def test_open_sessions_keep_no_task_and_no_aiohttp_connection(
+    echo: FakeRserve, start_forward: StartForward
+) -> None:
+    """Once open, a session is transport callbacks only: no request task waits in aiohttp for
+    each one (that and its request objects were most of a session's memory)."""
+    fwd = await start_forward(echo.path)
+    async with await RClient.connect(fwd.url()):
+        await asyncio.sleep(0.05)
+        baseline = len(asyncio.all_tasks())
+    peers = []
+    for _ in range(20):
+        peer = await Peer.open(fwd)
+        await peer.head()
+        await peer.data_frame()
+        peers.append(peer)
+    await asyncio.sleep(0.05)
+    assert len(fwd.server.sessions) == 20
+    assert len(asyncio.all_tasks()) <= baseline
+    web_server = fwd.server.runners["http"].server
+    assert web_server is not None and not web_server.connections
+    for peer in peers:
+        peer.writer.write(client_frame(Opcode.BINARY, qap_call(b"z")))
+        assert (await peer.data_frame())[2][16:] == b"z"
+        peer.close()
+
+
+async def test_pipelined_frames_and_pings_with_real_rserve(
+    rserve_qap: Rserve, start_forward: StartForward
+) -> None:
+    """The same byte-level paths against a real Rserve: a call sent with the upgrade request,
+    then one fragmented around a ping."""
+    from forward import rexp
+
+    fwd = await start_forward(rserve_qap.socket)
+    port = fwd.server.port("http")
+
+    def eval_call(expr: str, msg_id: int) -> bytes:
+        return qap_call(rexp.string_param(expr), msg_id)
+
+    first = eval_call("1+1", 1)
+    peer = await Peer.open(fwd, upgrade(port, extra=V13) + client_frame(Opcode.BINARY, first))
+    await peer.head()
+    opcode, _, greeting = await peer.data_frame()
+    assert opcode == Opcode.TEXT and greeting.startswith(b"Rsrv0103QAP1")
+    _, _, answer = await peer.data_frame()
+    assert Header.parse(answer[:16]).cmd == Cmd.RESP_OK and Header.parse(answer[:16]).msg_id == 1
+    second = eval_call("paste(rep('x', 10), collapse='')", 2)
+    peer.writer.write(
+        client_frame(Opcode.BINARY, second[:7], fin=False)
+        + client_frame(Opcode.PING, b"p")
+        + client_frame(Opcode.CONTINUATION, second[7:])
+    )
+    assert await peer.frame() == (Opcode.PONG, True, b"p")
+    _, _, answer = await peer.data_frame()
+    assert Header.parse(answer[:16]).msg_id == 2 and b"xxxxxxxxxx" in answer
+    peer.close()
+
+
+async def test_aiohttp_client_still_gets_close_codes(
+    echo: FakeRserve, start_forward: StartForward
+) -> None:
+    fwd = await start_forward(echo.path, max_sessions_per_client=1)
+    async with await RClient.connect(fwd.url()) as first:
+        async with aiohttp.ClientSession() as s, s.ws_connect(fwd.url()) as ws:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1013
+        await first.send(Cmd.EVAL, b"still", msg_id=1)
+        assert (await first.response()).payload == b"still"
