@@ -155,9 +155,10 @@ class Session:
         loop = asyncio.get_running_loop()
         path = self._settings.socket
         try:
-            async with asyncio.timeout(self._settings.backend_timeout):
-                sock = await connect_unix(path)
-                _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
+            # A unix connect completes at once or (listen queue full) is retried until this
+            # deadline; a connected socket needs no timeout. R's greeting has its own timer.
+            sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
+            _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
         except asyncio.CancelledError:
             self.close(1001, "forward is shutting down", ended="cancelled at shutdown")
             raise
@@ -177,7 +178,6 @@ class Session:
         self._stats.add(Stat.SESSIONS_TOTAL)
         self._stats.add(Stat.SESSIONS_OPEN)
         self._counted = True
-        log.info("session %d from %s opened", self.id, self.label)
         settings = self._settings
         self._last_activity = loop.time()
         if settings.heartbeat > 0:
@@ -239,8 +239,7 @@ class Session:
 
     def ws_error(self, code: int, reason: str) -> None:
         log.warning("session %d from %s: %s", self.id, self.label, reason)
-        if self.ended == "open":
-            self.ended = f"WebSocket error: {reason}"
+        self.close(code, reason, ended=f"WebSocket error: {reason}")
 
     def ws_pause_writing(self) -> None:
         # The browser is not keeping up: stop reading from R, so that TCP pushes back on R.
@@ -350,8 +349,10 @@ class Session:
                     if self._greeting_timer is not None:
                         self._greeting_timer.cancel()
                         self._greeting_timer = None
+                    # One line when the session is open, at R's greeting, not two: thousands
+                    # of sessions can open per second, and each log line costs.
                     log.info(
-                        "session %d from %s: Rserve in %s mode",
+                        "session %d from %s opened: Rserve in %s mode",
                         self.id,
                         self.label,
                         item.mode.value,
@@ -436,7 +437,7 @@ class Session:
         )
 
 
-async def connect_unix(path: str) -> socket.socket:
+async def connect_unix(path: str, deadline: float | None = None) -> socket.socket:
     """Connect to a unix stream socket, waiting while its listen queue is full.
 
     A non-blocking connect to a unix socket whose backlog is full fails with EAGAIN, which (unlike
@@ -452,6 +453,8 @@ async def connect_unix(path: str) -> socket.socket:
             sock.connect(path)
         except BlockingIOError:
             sock.close()
+            if deadline is not None and asyncio.get_running_loop().time() + delay > deadline:
+                raise TimeoutError from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
             continue

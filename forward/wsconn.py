@@ -43,6 +43,8 @@ HOLD_BACKEND_FULL = 2  # Rserve's socket buffer is full: let TCP push back on th
 
 class Handler(Protocol):
     def ws_data(self, data: bytearray) -> None: ...
+
+    # The browser broke the protocol; the WebSocket closes with `code` right after this.
     def ws_error(self, code: int, reason: str) -> None: ...
     def ws_pause_writing(self) -> None: ...
     def ws_resume_writing(self) -> None: ...
@@ -301,5 +303,4 @@ class ServerWebSocket(asyncio.Protocol):
             return
         self._ping_timer = None
         self._why = f"no answer to a ping within {self._ping_interval / 2:g} s"
-        self._handler.ws_error(1006, self._why)
         self.abort()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -34,6 +35,17 @@ async def echo(tmp_path: Path) -> AsyncIterator[FakeRserve]:
     await fake.stop()
 
 
+@pytest.fixture
+async def peers() -> AsyncIterator[list[Peer]]:
+    """Every raw connection a test opens, closed at its end whatever happened."""
+    opened: list[Peer] = []
+    yield opened
+    for peer in opened:
+        peer.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await peer.writer.wait_closed()
+
+
 def upgrade(port: int, *, key: str = KEY, extra: str = "") -> bytes:
     return (
         f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -51,13 +63,18 @@ class Peer:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, fwd: Running, first: bytes | None = None, **kw: str) -> Peer:
+    async def open(
+        cls, fwd: Running, first: bytes | None = None, *, track: list[Peer], **kw: str
+    ) -> Peer:
         port = fwd.server.port("http")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            upgrade(port, **kw, extra=V13 + kw.pop("extra", "")) if first is None else first
-        )
-        return cls(reader, writer)
+        if first is None:
+            extra = V13 + kw.pop("extra", "")
+            first = upgrade(port, extra=extra, **kw)
+        writer.write(first)
+        peer = cls(reader, writer)
+        track.append(peer)
+        return peer
 
     async def head(self) -> bytes:
         return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
@@ -78,6 +95,15 @@ class Peer:
             if opcode not in (Opcode.PING, Opcode.PONG):
                 return opcode, fin, payload
 
+    async def message(self) -> tuple[int, bytes]:
+        """A whole data message: forward streams R's answer as it arrives, in fragments."""
+        opcode, fin, payload = await self.data_frame()
+        while not fin:
+            more, fin, rest = await self.data_frame()
+            assert more == Opcode.CONTINUATION
+            payload += rest
+        return opcode, payload
+
     async def closed(self) -> bool:
         return await asyncio.wait_for(self.reader.read(1), 10) == b""
 
@@ -85,14 +111,22 @@ class Peer:
         self.writer.close()
 
 
+def forward_tasks() -> list[asyncio.Task[object]]:
+    """The loop's tasks but the fake backend's (one per connection, on its side)."""
+    return [t for t in asyncio.all_tasks() if "FakeRserve" not in t.get_coro().__qualname__]
+
+
 def qap_call(payload: bytes, msg_id: int = 1) -> bytes:
     return Header(Cmd.EVAL, len(payload), msg_id).encode() + payload
 
 
-async def test_handshake_answer_by_the_rfc(echo: FakeRserve, start_forward: StartForward) -> None:
+async def test_handshake_answer_by_the_rfc(
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
+) -> None:
     fwd = await start_forward(echo.path)
     peer = await Peer.open(
         fwd,
+        track=peers,
         extra="Sec-WebSocket-Protocol: chat, superchat\r\n"
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
     )
@@ -115,7 +149,12 @@ async def test_handshake_answer_by_the_rfc(echo: FakeRserve, start_forward: Star
     ],
 )
 async def test_bad_handshakes_get_a_clear_http_answer(
-    echo: FakeRserve, start_forward: StartForward, first: str, status: str, words: str
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    first: str,
+    status: str,
+    words: str,
 ) -> None:
     fwd = await start_forward(echo.path)
     port = fwd.server.port("http")
@@ -125,7 +164,7 @@ async def test_bad_handshakes_get_a_clear_http_answer(
         "short key": upgrade(port, key=base64.b64encode(b"short").decode(), extra=V13),
         "bad protocol": upgrade(port, extra=V13 + "Sec-WebSocket-Protocol: a/b\r\n"),
     }[first]
-    peer = await Peer.open(fwd, request)
+    peer = await Peer.open(fwd, request, track=peers)
     head = (await peer.head()).decode()
     assert head.startswith(f"HTTP/1.1 {status} ")
     if status == "426":
@@ -140,7 +179,7 @@ async def test_bad_handshakes_get_a_clear_http_answer(
 
 
 async def test_frames_sent_with_the_upgrade_request_reach_r(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     fwd = await start_forward(echo.path)
     port = fwd.server.port("http")
@@ -150,7 +189,7 @@ async def test_frames_sent_with_the_upgrade_request_reach_r(
         + client_frame(Opcode.BINARY, calls[:20])
         + client_frame(Opcode.BINARY, calls[20:])
     )
-    peer = await Peer.open(fwd, pipelined)
+    peer = await Peer.open(fwd, pipelined, track=peers)
     assert (await peer.head()).startswith(b"HTTP/1.1 101 ")
     assert await peer.data_frame() == (Opcode.TEXT, True, ID_STRING)
     for msg_id, body in ((1, b"first"), (2, b"second")):
@@ -162,10 +201,10 @@ async def test_frames_sent_with_the_upgrade_request_reach_r(
 
 
 async def test_ping_between_fragments_is_answered_and_the_message_arrives_whole(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     fwd = await start_forward(echo.path)
-    peer = await Peer.open(fwd)
+    peer = await Peer.open(fwd, track=peers)
     await peer.head()
     await peer.data_frame()  # greeting
     body = os.urandom(5000)
@@ -191,10 +230,15 @@ async def test_ping_between_fragments_is_answered_and_the_message_arrives_whole(
     ],
 )
 async def test_protocol_errors_close_with_a_code_and_end_the_r_side(
-    echo: FakeRserve, start_forward: StartForward, frame: bytes, code: int, words: str
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    frame: bytes,
+    code: int,
+    words: str,
 ) -> None:
     fwd = await start_forward(echo.path)
-    peer = await Peer.open(fwd)
+    peer = await Peer.open(fwd, track=peers)
     await peer.head()
     await peer.data_frame()
     peer.writer.write(frame)
@@ -211,10 +255,10 @@ async def test_protocol_errors_close_with_a_code_and_end_the_r_side(
 
 
 async def test_browser_close_is_answered_and_the_connection_ends(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     fwd = await start_forward(echo.path)
-    peer = await Peer.open(fwd)
+    peer = await Peer.open(fwd, track=peers)
     await peer.head()
     await peer.data_frame()
     peer.writer.write(client_frame(Opcode.CLOSE, struct.pack("!H", 1000) + b"bye"))
@@ -229,23 +273,21 @@ async def test_browser_close_is_answered_and_the_connection_ends(
 
 
 async def test_open_sessions_keep_no_task_and_no_aiohttp_connection(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     """Once open, a session is transport callbacks only: no request task waits in aiohttp for
     each one (that and its request objects were most of a session's memory)."""
     fwd = await start_forward(echo.path)
     async with await RClient.connect(fwd.url()):
         await asyncio.sleep(0.05)
-        baseline = len(asyncio.all_tasks())
-    peers = []
+        baseline = len(forward_tasks())
     for _ in range(20):
-        peer = await Peer.open(fwd)
+        peer = await Peer.open(fwd, track=peers)
         await peer.head()
         await peer.data_frame()
-        peers.append(peer)
     await asyncio.sleep(0.05)
     assert len(fwd.server.sessions) == 20
-    assert len(asyncio.all_tasks()) <= baseline
+    assert len(forward_tasks()) <= baseline
     web_server = fwd.server.runners["http"].server
     assert web_server is not None and not web_server.connections
     for peer in peers:
@@ -255,7 +297,7 @@ async def test_open_sessions_keep_no_task_and_no_aiohttp_connection(
 
 
 async def test_pipelined_frames_and_pings_with_real_rserve(
-    rserve_qap: Rserve, start_forward: StartForward
+    rserve_qap: Rserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     """The same byte-level paths against a real Rserve: a call sent with the upgrade request,
     then one fragmented around a ping."""
@@ -268,12 +310,13 @@ async def test_pipelined_frames_and_pings_with_real_rserve(
         return qap_call(rexp.string_param(expr), msg_id)
 
     first = eval_call("1+1", 1)
-    peer = await Peer.open(fwd, upgrade(port, extra=V13) + client_frame(Opcode.BINARY, first))
+    opening = upgrade(port, extra=V13) + client_frame(Opcode.BINARY, first)
+    peer = await Peer.open(fwd, opening, track=peers)
     await peer.head()
     opcode, _, greeting = await peer.data_frame()
     assert opcode == Opcode.TEXT and greeting.startswith(b"Rsrv0103QAP1")
-    _, _, answer = await peer.data_frame()
-    assert Header.parse(answer[:16]).cmd == Cmd.RESP_OK and Header.parse(answer[:16]).msg_id == 1
+    _, answer = await peer.message()
+    assert Header.parse(answer[:16]).cmd == Cmd.RESP_OK and struct.pack("<d", 2.0) in answer
     second = eval_call("paste(rep('x', 10), collapse='')", 2)
     peer.writer.write(
         client_frame(Opcode.BINARY, second[:7], fin=False)
@@ -281,13 +324,13 @@ async def test_pipelined_frames_and_pings_with_real_rserve(
         + client_frame(Opcode.CONTINUATION, second[7:])
     )
     assert await peer.frame() == (Opcode.PONG, True, b"p")
-    _, _, answer = await peer.data_frame()
-    assert Header.parse(answer[:16]).msg_id == 2 and b"xxxxxxxxxx" in answer
+    _, answer = await peer.message()
+    assert Header.parse(answer[:16]).cmd == Cmd.RESP_OK and b"xxxxxxxxxx" in answer
     peer.close()
 
 
 async def test_aiohttp_client_still_gets_close_codes(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     fwd = await start_forward(echo.path, max_sessions_per_client=1)
     async with await RClient.connect(fwd.url()) as first:
