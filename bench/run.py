@@ -66,7 +66,7 @@ class Load:
     static_seconds: float = 3.0
     wrk_connections: int = 16
     echo_workers: int = 2
-    rounds: int = 3
+    rounds: int = 5
     session_rounds: int = 1
 
 
@@ -422,9 +422,14 @@ def measure(relays: list[str], env: Env, tls: bool, load: Load) -> dict[str, dic
     running = [start_relay(name, env, tls) for name in relays]
     try:
         steps = ["rtt", "bulk", "parallel", "static"]
-        for rnd in range(load.rounds):
+        # The thousands of sessions come last: they leave the machine busy for a while (the C
+        # forward's and websockify's per-session processes exiting), which would otherwise
+        # disturb whatever is measured next.
+        plan = [(rnd, steps) for rnd in range(load.rounds)]
+        plan += [(rnd, ["sessions"]) for rnd in range(load.session_rounds)]
+        for rnd, round_steps in plan:
             order = running[rnd % len(running):] + running[: rnd % len(running)]
-            for step in steps + (["sessions"] if rnd < load.session_rounds else []):
+            for step in round_steps:
                 for run in order:
                     if run.proc is None or step in run.result["notes"]:
                         continue
