@@ -520,7 +520,7 @@ def markdown(report: dict[str, Any]) -> str:
             arrow = "≥" if higher else "≤"
             tgt = f"{arrow} {target}x" if target else ""
             if key == "pss_kb_per_session":
-                tgt = f"≤ {PSS_TARGET_KB:g} KB"
+                tgt = f"≤ {PSS_TARGET_KB:g} KB or ≤ {target}x"
             lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {tgt} | {ver[key]} |")
         lines.append("")
         notes = [(relay, step, text) for relay in RELAYS
