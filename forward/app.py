@@ -74,6 +74,8 @@ LISTENER = web.AppKey("listener", str)
 POLICY = web.AppKey("client_policy", tls.ClientPolicy)
 GUARD = web.AppKey("guard", Guard)
 WS_PING = web.AppKey("ws_ping", float)
+# The shared receive buffers of the relay (browser -> R, R -> browser); one pair per process.
+BUFFERS = web.AppKey("read_buffers", tuple[wsconn.ReadBuffer, wsconn.ReadBuffer])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -109,7 +111,7 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         # After the upgrade, so that the browser sees the reason (a failed handshake hides it).
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
         transport, tail = wsconn.take_over(request, answer)
-        ws = wsconn.ServerWebSocket(transport, _Refused())
+        ws = wsconn.ServerWebSocket(transport, _Refused(), app[BUFFERS][0])
         ws.start(tail)
         ws.close(1013, f"{refused.reason}; try again later")
         return wsconn.Detached()
@@ -119,13 +121,15 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         sessions.discard(session)
         guard.release(client)
 
-    session = Session(app[RELAY], f"{client} on {app[LISTENER]}", sessions.next_id(), end)
+    from_browser, from_r = app[BUFFERS]
+    label = f"{client} on {app[LISTENER]}"
+    session = Session(app[RELAY], label, from_r, sessions.next_id(), end)
     try:
         transport, tail = wsconn.take_over(request, answer)
     except ConnectionResetError:
         guard.release(client)
         raise
-    session.ws = ws = wsconn.ServerWebSocket(transport, session, app[WS_PING])
+    session.ws = ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING])
     sessions.add(session)
     ws.start(tail, wsconn.HOLD_CONNECTING)
     await session.start()
@@ -251,6 +255,7 @@ def build_app(
     guard: Guard | None = None,
     ws_ping: float = 0.0,
     config: Config | None = None,
+    buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None,
 ) -> web.Application:
     guard = guard or Guard(GuardSettings())
     middlewares = [ip_rules] if guard.settings.ip_rules else []
@@ -265,6 +270,8 @@ def build_app(
             app.on_response_prepare.append(hsts(config.hsts))
     app[RELAY] = relay
     app[SESSIONS] = sessions
+    if buffers is not None:
+        app[BUFFERS] = buffers
     app[LISTENER] = listener
     app.router.add_route("*", "/{tail:.*}", handler)
     return app
@@ -321,13 +328,16 @@ class Server:
         relay = self.relay_settings()
         guard = self.guard()
         apps: dict[str, web.Application] = {}
+        buffers = (wsconn.ReadBuffer(), wsconn.ReadBuffer())
         if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
             apps["http"] = build_app(
-                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c
+                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c, buffers=buffers
             )
         if c.ws_port > 0:
-            apps["ws"] = build_app(relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c)
+            apps["ws"] = build_app(
+                relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c, buffers=buffers
+            )
         if c.redirect_port > 0:
             apps["redirect"] = build_app(
                 relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http"))

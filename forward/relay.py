@@ -29,7 +29,7 @@ from typing import cast
 
 from . import qap
 from .stats import Slot, Stat
-from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ServerWebSocket
+from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
 from .wsframe import Opcode, frame_header
 
 log = logging.getLogger(__name__)
@@ -51,21 +51,32 @@ class RelaySettings:
     stats: Slot = field(default_factory=Slot.private)
 
 
-class _Backend(asyncio.Protocol):
-    """The unix-socket end: hands bytes and flow control to the session."""
+class _Backend(asyncio.BufferedProtocol):
+    """The unix-socket end: hands bytes and flow control to the session.
 
-    __slots__ = ("_session", "transport")
+    Reads go into a buffer shared by every session (`ReadBuffer`); their chunks are written to
+    the browser straight from it, so when the browser's transport could not take everything at
+    once (it then keeps a view of the buffer) the buffer is renewed before the next read."""
 
-    def __init__(self, session: Session) -> None:
+    __slots__ = ("_buffer", "_session", "transport")
+
+    def __init__(self, session: Session, buffer: ReadBuffer) -> None:
         self._session = session
+        self._buffer = buffer
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
-        self._session.from_backend(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer = self._buffer
+        self._session.from_backend(buffer.view[:nbytes])
+        if self._session.browser_buffered():
+            buffer.renew()
 
     def eof_received(self) -> bool:
         return False  # close our side too: Rserve does not half-close
@@ -91,6 +102,7 @@ class Session:
     __slots__ = (
         "_backend",
         "_backend_alive",
+        "_buffer",
         "_client",
         "_counted",
         "_greeting_timer",
@@ -116,10 +128,12 @@ class Session:
         self,
         settings: RelaySettings,
         label: str,
+        buffer: ReadBuffer,
         session_id: int = 0,
         on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.id = session_id
+        self._buffer = buffer  # R's answers are read into this shared buffer
         self.label = label  # "peer on listener", for the log
         self.ws: ServerWebSocket | None = None
         self._on_end = on_end
@@ -158,7 +172,9 @@ class Session:
             # A unix connect completes at once or (listen queue full) is retried until this
             # deadline; a connected socket needs no timeout. R's greeting has its own timer.
             sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
-            _, backend = await loop.create_unix_connection(lambda: _Backend(self), sock=sock)
+            _, backend = await loop.create_unix_connection(
+                lambda: _Backend(self, self._buffer), sock=sock
+            )
         except asyncio.CancelledError:
             self.close(1001, "forward is shutting down", ended="cancelled at shutdown")
             raise
@@ -335,7 +351,13 @@ class Session:
 
     # -- Rserve -> browser -------------------------------------------------------------------
 
-    def from_backend(self, data: bytes) -> None:
+    def browser_buffered(self) -> bool:
+        """Whether the browser's transport holds data it could not send yet."""
+        ws = self.ws
+        transport = ws.transport if ws is not None else None
+        return transport is not None and transport.get_write_buffer_size() > 0
+
+    def from_backend(self, data: bytes | memoryview) -> None:
         self.bytes_from_r += len(data)
         self._stats.add(Stat.BYTES_FROM_R, len(data))
         if self._settings.idle_timeout:

@@ -128,7 +128,26 @@ def take_over(request: web.Request, answer: bytes) -> tuple[asyncio.Transport, b
     return transport, tail
 
 
-class ServerWebSocket(asyncio.Protocol):
+class ReadBuffer:
+    """A receive buffer shared by every connection of one event loop (`BufferedProtocol`).
+
+    The transport reads into it and the protocol consumes the bytes before returning, so one
+    buffer serves all sessions, and a read is not first turned into a new `bytes` object (one copy
+    less for every byte relayed). Whoever keeps bytes beyond the callback copies them, or, when a
+    transport may still hold a view of the buffer (a write it could not finish), `renew`s it."""
+
+    __slots__ = ("view",)
+
+    SIZE = 256 * 1024
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(self.SIZE))
+
+    def renew(self) -> None:
+        self.view = memoryview(bytearray(self.SIZE))
+
+
+class ServerWebSocket(asyncio.BufferedProtocol):
     """One upgraded connection; the session (`Handler`) gets its data and its end."""
 
     __slots__ = (
@@ -140,15 +159,21 @@ class ServerWebSocket(asyncio.Protocol):
         "_parser",
         "_ping_interval",
         "_ping_timer",
+        "_rbuf",
         "_why",
         "closing",
         "transport",
     )
 
     def __init__(
-        self, transport: asyncio.Transport, handler: Handler, ping_interval: float = 0.0
+        self,
+        transport: asyncio.Transport,
+        handler: Handler,
+        buffer: ReadBuffer,
+        ping_interval: float = 0.0,
     ) -> None:
         self.transport: asyncio.Transport | None = transport
+        self._rbuf = buffer  # shared: nothing here may keep a view of it after a callback
         self._handler = handler
         self._parser = wsframe.FrameParser()
         self._holds = 0
@@ -180,7 +205,15 @@ class ServerWebSocket(asyncio.Protocol):
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._rbuf.view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        # The frame parser copies what it keeps (payloads are unmasked into new buffers), so
+        # `data` may be a view of the shared read buffer.
         self._heard = True
         if self._holds & HOLD_CONNECTING:
             self._held_data += data

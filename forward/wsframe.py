@@ -143,9 +143,11 @@ class FrameParser:
     def in_frame(self) -> bool:
         return self._remaining > 0
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        """Events from `data`; nothing keeps a reference to `data` afterwards (a caller may
+        reuse its buffer)."""
         events: list[Event] = []
-        buf = self._buf + data if self._buf else data
+        buf: bytes | memoryview = self._buf + data if self._buf else data
         self._buf = b""
         end = len(buf)
         pos = 0
@@ -185,7 +187,9 @@ class FrameParser:
                 self._in_message = False
         return events
 
-    def _header(self, buf: bytes, pos: int, end: int) -> tuple[bool, int, int, int] | None:
+    def _header(
+        self, buf: bytes | memoryview, pos: int, end: int
+    ) -> tuple[bool, int, int, int] | None:
         if end - pos < 2:
             return None
         b0 = buf[pos]

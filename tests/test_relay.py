@@ -19,7 +19,7 @@ from forward import qap, rexp
 from forward.qap import Cmd, Header, Xt
 from forward.wsconn import HOLD_BACKEND_FULL
 
-from .conftest import Rserve, StartForward
+from .conftest import PKI, Rserve, StartForward
 from .fakes import FakeRserve
 from .rclient import RClient, RError
 
@@ -558,3 +558,80 @@ async def test_slow_r_slows_the_browser_instead_of_growing_memory(
 async def _send_all(c: RClient, messages: list[bytes]) -> None:
     for m in messages:
         await c.ws.send_bytes(m)
+
+
+async def _seeded_answers(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
+) -> None:
+    """Answers each request (a seed and a size) with that many seeded random bytes, in pieces."""
+    import random
+
+    writer.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+    framer = qap.ClientStream()
+    while data := await reader.read(65536):
+        for chunk in framer.feed(data):
+            seed, size = (
+                int.from_bytes(chunk.data[16:20], "little"),
+                int.from_bytes(chunk.data[20:28], "little"),
+            )
+            body = random.Random(seed).randbytes(size)
+            writer.write(Header(Cmd.RESP_OK, size, chunk.header.msg_id).encode())
+            for at in range(0, size, 1 << 20):
+                writer.write(body[at : at + (1 << 20)])
+                await writer.drain()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_slow_browser_keeps_its_bytes_while_other_sessions_stream(
+    tmp_path: Path, pki: PKI, scheme: str
+) -> None:
+    """forward reads R's answers into one buffer shared by all sessions and writes from it; a
+    browser that is not reading leaves part of a write in its transport, still pointing into
+    that buffer. Another session streaming meanwhile must not overwrite those bytes (the buffer is
+    renewed). Run on the real CLI: its event loop (uvloop) keeps such views instead of copying."""
+    import hashlib
+    import random
+    import sys
+
+    from .conftest import ROOT, free_port
+
+    fake = await FakeRserve(tmp_path / "seeded.sock", _seeded_answers, record=False).start()
+    port = free_port()
+    tls = ["-k", str(pki.key), "-c", str(pki.cert)] if scheme == "wss" else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-s", str(fake.path),
+        *tls, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        while b"listening on" not in await asyncio.wait_for(proc.stderr.readline(), 30):
+            pass
+
+        def expected(seed: int, size: int) -> str:
+            return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
+
+        size = 24 << 20
+        url = f"{scheme}://127.0.0.1:{port}/"
+        ctx = pki.client_context() if scheme == "wss" else None
+        slow = await RClient.connect(url, ssl_context=ctx)
+        fast = await RClient.connect(url, ssl_context=ctx)
+        try:
+            transport = slow.ws._response.connection.transport  # type: ignore[union-attr]
+            assert transport is not None
+            transport.pause_reading()  # this browser stops reading mid-answer
+            await slow.send(Cmd.EVAL, (1).to_bytes(4, "little") + size.to_bytes(8, "little"))
+            await asyncio.sleep(1.0)  # forward fills what the slow browser will take, then waits
+            for seed in (2, 3):
+                await fast.send(Cmd.EVAL, seed.to_bytes(4, "little") + size.to_bytes(8, "little"))
+                reply = await asyncio.wait_for(fast.response(), 60)
+                assert hashlib.sha256(reply.payload).hexdigest() == expected(seed, size)
+            transport.resume_reading()
+            reply = await asyncio.wait_for(slow.response(), 60)
+            assert hashlib.sha256(reply.payload).hexdigest() == expected(1, size)
+        finally:
+            await slow.close()
+            await fast.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await fake.stop()

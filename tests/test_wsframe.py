@@ -195,3 +195,32 @@ def test_any_split_of_any_frame_sequence_gives_the_same_bytes(
         len(parts) for _, parts, ping in messages if ping
     )
     assert not p.in_frame
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(st.binary(max_size=400), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=12),
+)
+def test_the_parser_keeps_nothing_of_a_reused_read_buffer(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    """forward reads every connection into one shared buffer: each read is fed as a view of it,
+    then the buffer is overwritten by the next read. The parser must copy what it keeps."""
+    raw = bytearray()
+    for i, part in enumerate(parts):
+        opcode = Opcode.BINARY if i == 0 else Opcode.CONTINUATION
+        raw += client_frame(opcode, part, fin=i == len(parts) - 1)
+        raw += client_frame(Opcode.PING, part[:10])
+    shared = bytearray(4096)
+    p = FrameParser()
+    events: list[object] = []
+    last = 0
+    for cut in [*sorted({c for c in cuts if c <= len(raw)}), len(raw)]:
+        piece = raw[last:cut]
+        shared[: len(piece)] = piece
+        events += p.feed(memoryview(shared)[: len(piece)])
+        shared[:] = b"\xee" * len(shared)  # the next read lands here
+        last = cut
+    assert data_of(events) == b"".join(parts)
+    assert [e for e in events if isinstance(e, Ping)] == [Ping(part[:10]) for part in parts]
