@@ -10,6 +10,7 @@ or, when the peer is a `--trusted-proxy`, the address it forwarded (`X-Forwarded
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
@@ -29,8 +30,12 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         client = request.remote or "-"
+        app = None
         if isinstance(request, web.Request):
-            app = request.app
+            # A request aiohttp could not parse (its own 400) was never routed: it has no app.
+            with contextlib.suppress(AssertionError, AttributeError):
+                app = request.app
+        if app is not None:
             row = app.get(STATS_ROW)
             if row is not None:
                 row.http(response.status)

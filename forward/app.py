@@ -84,7 +84,8 @@ def is_upgrade(request: web.Request) -> bool:
     return (
         request.method == "GET"
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
+        and "upgrade"
+        in (token.strip().lower() for token in request.headers.get(hdrs.CONNECTION, "").split(","))
     )
 
 
@@ -110,7 +111,10 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     except Refused as refused:
         # After the upgrade, so that the browser sees the reason (a failed handshake hides it).
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
-        transport, tail = wsconn.take_over(request, answer)
+        try:
+            transport, tail = wsconn.take_over(request, answer)
+        except ConnectionResetError:
+            return wsconn.Detached()
         ws = wsconn.ServerWebSocket(transport, _Refused(), app[BUFFERS][0])
         ws.start(tail)
         ws.close(1013, f"{refused.reason}; try again later")
@@ -126,9 +130,9 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     session = Session(app[RELAY], label, from_r, sessions.next_id(), end)
     try:
         transport, tail = wsconn.take_over(request, answer)
-    except ConnectionResetError:
+    except ConnectionResetError:  # the browser left before its upgrade was answered
         guard.release(client)
-        raise
+        return wsconn.Detached()
     session.ws = ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING])
     sessions.add(session)
     ws.start(tail, wsconn.HOLD_CONNECTING)
@@ -356,8 +360,6 @@ class Server:
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
             for name, app in apps.items():
-                if name != "admin":
-                    app.on_shutdown.append(self._close_sessions)
                 runner: web.AppRunner = GuardedRunner(
                     app,
                     header_timeout=c.header_timeout,
@@ -394,14 +396,16 @@ class Server:
         """The port a listener is bound to ("http" or "ws"), useful after binding port 0."""
         return int(self.runners[name].addresses[0][1])
 
-    async def _close_sessions(self, app: web.Application) -> None:
+    async def _close_sessions(self) -> None:
         for session in list(self.sessions):
             session.close(1001, "forward is shutting down", notice=True)
-        # Sessions are not aiohttp's handlers, so the runner would not wait for their close
-        # handshakes: wait here (each gives up after wsconn.CLOSE_TIMEOUT).
+        # Sessions are not aiohttp's handlers, so no runner waits for their close handshakes:
+        # wait here, once, then drop whatever has not answered.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(self.config.shutdown_timeout, wsconn.CLOSE_TIMEOUT)):
                 await self.sessions.emptied()
+        for session in list(self.sessions):
+            session.abort()
 
     async def drain(self, grace: float) -> None:
         """Stop accepting (every listener), then give open sessions up to `grace` seconds to
@@ -421,9 +425,14 @@ class Server:
             log.info("drained: every session has ended")
 
     async def stop(self) -> None:
-        # AppRunner.cleanup closes the listeners first, then runs on_shutdown (which closes the
-        # sessions), then waits up to shutdown_timeout for handlers before cancelling them.
+        # Every listener first (no new session can start), then the open sessions, once, then
+        # aiohttp's cleanup, which waits up to shutdown_timeout for request handlers (sessions
+        # still connecting to R among them) before cancelling them.
         runners, self.runners = self.runners, {}
+        for runner in runners.values():
+            for site in list(runner.sites):
+                await site.stop()
+        await self._close_sessions()
         for old in reversed(runners.values()):
             await old.cleanup()
 

@@ -54,9 +54,8 @@ class RelaySettings:
 class _Backend(asyncio.BufferedProtocol):
     """The unix-socket end: hands bytes and flow control to the session.
 
-    Reads go into a buffer shared by every session (`ReadBuffer`); their chunks are written to
-    the browser straight from it, so when the browser's transport could not take everything at
-    once (it then keeps a view of the buffer) the buffer is renewed before the next read."""
+    Reads go into a buffer shared by every session (`ReadBuffer`); `Session._write_frame` takes
+    care that no transport is left holding a view of it."""
 
     __slots__ = ("_buffer", "_session", "transport")
 
@@ -73,10 +72,7 @@ class _Backend(asyncio.BufferedProtocol):
         return self._buffer.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        buffer = self._buffer
-        self._session.from_backend(buffer.view[:nbytes])
-        if self._session.browser_buffered():
-            buffer.renew()
+        self._session.from_backend(self._buffer.view[:nbytes])
 
     def eof_received(self) -> bool:
         return False  # close our side too: Rserve does not half-close
@@ -218,7 +214,12 @@ class Session:
             self._greeting_timer.cancel()
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None:
-            backend.transport.close()
+            # Bytes still queued for an R that is not reading would keep the socket (and R's
+            # process) past the session: drop them.
+            if backend.transport.get_write_buffer_size() > 0:
+                backend.transport.abort()
+            else:
+                backend.transport.close()
         log.info(
             "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
             self.id,
@@ -247,6 +248,11 @@ class Session:
         self._backend_alive = False
         if backend is not None and backend.transport is not None:
             backend.transport.close()
+
+    def abort(self) -> None:
+        """Drop the browser's connection without a close handshake (its end follows)."""
+        if self.ws is not None:
+            self.ws.abort()
 
     # -- what the browser's WebSocket reports ------------------------------------------------
 
@@ -339,6 +345,10 @@ class Session:
                 log.warning(
                     "session %d from %s: write to Rserve failed: %s", self.id, self.label, exc
                 )
+                if self._server.in_message:
+                    # A frame of our own inside R's fragmented message would corrupt it.
+                    self.close(1011, "write to Rserve failed in the middle of R's answer")
+                    return
                 self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
                 self._lose_backend()
                 return
@@ -350,12 +360,6 @@ class Session:
         self._write_frame(Opcode.BINARY, qap.conn_broken(msg_id))
 
     # -- Rserve -> browser -------------------------------------------------------------------
-
-    def browser_buffered(self) -> bool:
-        """Whether the browser's transport holds data it could not send yet."""
-        ws = self.ws
-        transport = ws.transport if ws is not None else None
-        return transport is not None and transport.get_write_buffer_size() > 0
 
     def from_backend(self, data: bytes | memoryview) -> None:
         self.bytes_from_r += len(data)
@@ -441,13 +445,22 @@ class Session:
 
     def _write_frame(self, opcode: int, data: bytes | memoryview, fin: bool = True) -> None:
         ws = self.ws
-        if ws is None or ws.closing:
+        if ws is None or ws.closing or ws.transport is None:
             return
         head = frame_header(opcode, fin, len(data))
         if len(data) <= _JOIN_LIMIT:
             ws.write(head + data)
-        else:
-            ws.writelines((head, data))
+            return
+        # `data` may be a view of the shared read buffer. A transport that cannot send it all at
+        # once keeps the view: then the next read must go to a new buffer. Once data is queued,
+        # further chunks are copied, so a stalled browser holds its bytes, not whole buffers.
+        transport = ws.transport
+        if transport.get_write_buffer_size() > 0:
+            ws.writelines((head, bytes(data)))
+            return
+        ws.writelines((head, data))
+        if transport.get_write_buffer_size() > 0:
+            self._buffer.renew()
 
     def _beat(self) -> None:
         # Only between messages: a data frame inside a fragmented message would corrupt it, and a

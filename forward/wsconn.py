@@ -39,6 +39,9 @@ _TOKEN_CHARS = frozenset(
 # Why reading from the browser is held back; reading resumes when no reason is left.
 HOLD_CONNECTING = 1  # the session's Rserve connection is not made yet
 HOLD_BACKEND_FULL = 2  # Rserve's socket buffer is full: let TCP push back on the browser
+# The browser does not read what we send (its pongs, R's answers, conn_broken answers): stop
+# reading what it sends too, or a peer that only writes (pings) could grow our buffer unbounded.
+HOLD_BROWSER_FULL = 4
 
 
 class Handler(Protocol):
@@ -223,6 +226,10 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self._handler.ws_error(exc.code, exc.reason)
             self.close(exc.code, exc.reason)
+            # Past a protocol error the rest of the stream means nothing (RFC 6455 section
+            # 7.1.7): the close frame is flushed and the connection ends, without waiting.
+            if self.transport is not None:
+                self.transport.close()
             return
         handler = self._handler
         for event in events:
@@ -230,7 +237,8 @@ class ServerWebSocket(asyncio.BufferedProtocol):
                 if not self.closing:
                     handler.ws_data(event)
             elif isinstance(event, Ping):
-                self.write(wsframe.control_frame(Opcode.PONG, event.payload))
+                if not self.closing:
+                    self.write(wsframe.control_frame(Opcode.PONG, event.payload))
             elif isinstance(event, Close):
                 self._closed_by_browser(event)
                 return
@@ -252,9 +260,11 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         self._handler.ws_closed(why)
 
     def pause_writing(self) -> None:
+        self.hold(HOLD_BROWSER_FULL)
         self._handler.ws_pause_writing()
 
     def resume_writing(self) -> None:
+        self.release(HOLD_BROWSER_FULL)
         self._handler.ws_resume_writing()
 
     # -- what the session calls --------------------------------------------------------------
@@ -319,8 +329,10 @@ class ServerWebSocket(asyncio.BufferedProtocol):
     def _tick(self) -> None:
         # A ping only when the browser has been quiet for a whole interval; anything it sends
         # proves it is there. No answer within half an interval: the peer is gone.
+        # While we hold reading back ourselves (R or the browser's own socket is full) its
+        # answer could not be read: that is no sign of a dead peer.
         loop = asyncio.get_running_loop()
-        if self._heard:
+        if self._heard or self._holds or self.closing:
             self._heard = False
             self._ping_timer = loop.call_later(self._ping_interval, self._tick)
             return
@@ -328,7 +340,7 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         self._ping_timer = loop.call_later(self._ping_interval / 2, self._check_pong)
 
     def _check_pong(self) -> None:
-        if self._heard:
+        if self._heard or self._holds:
             self._heard = False
             self._ping_timer = asyncio.get_running_loop().call_later(
                 self._ping_interval / 2, self._tick

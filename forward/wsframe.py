@@ -73,7 +73,8 @@ REASON_MAX = 123
 def close_frame(code: int, reason: str = "") -> bytes:
     raw = reason.encode()
     if len(raw) > REASON_MAX:
-        raw = raw[: REASON_MAX - 3] + b"..."
+        # Cut on a character boundary: a close reason must be valid UTF-8.
+        raw = raw[: REASON_MAX - 3].decode(errors="ignore").encode() + b"..."
     return control_frame(Opcode.CLOSE, _CODE.pack(code) + raw)
 
 

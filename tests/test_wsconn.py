@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -41,7 +42,9 @@ async def peers() -> AsyncIterator[list[Peer]]:
     opened: list[Peer] = []
     yield opened
     for peer in opened:
-        peer.writer.close()
+        # Abort: a peer with unsent bytes (some tests fill its buffer on purpose) would never
+        # finish a graceful close.
+        peer.writer.transport.abort()
         with contextlib.suppress(ConnectionError):
             await peer.writer.wait_closed()
 
@@ -236,18 +239,19 @@ async def test_protocol_errors_close_with_a_code_and_end_the_r_side(
     frame: bytes,
     code: int,
     words: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     fwd = await start_forward(echo.path)
     peer = await Peer.open(fwd, track=peers)
     await peer.head()
     await peer.data_frame()
-    peer.writer.write(frame)
+    peer.writer.write(frame + frame * 20)  # the rest after an error is not even looked at
     opcode, _, payload = await peer.data_frame()
     assert opcode == Opcode.CLOSE
     assert struct.unpack("!H", payload[:2])[0] == code and words in payload[2:].decode()
     await asyncio.wait_for(echo.closed.wait(), 10)  # R's connection ended with the session
-    peer.writer.write(client_frame(Opcode.CLOSE, struct.pack("!H", code)))
-    assert await peer.closed()
+    assert await peer.closed()  # and the connection, without waiting for an answer
+    assert len([r for r in caplog.records if words in r.getMessage()]) == 1
     peer.close()
     async with await RClient.connect(fwd.url()) as c:
         await c.send(Cmd.EVAL, b"y", msg_id=1)
@@ -339,3 +343,166 @@ async def test_aiohttp_client_still_gets_close_codes(
             assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1013
         await first.send(Cmd.EVAL, b"still", msg_id=1)
         assert (await first.response()).payload == b"still"
+
+
+async def _busy_then_echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
+) -> None:
+    """R evaluating for a while (not reading its socket), then an echo."""
+    from .fakes import echo
+
+    await asyncio.sleep(2.5)
+    await echo(reader, writer, fake)
+
+
+async def test_pings_wait_while_forward_itself_holds_the_browser_back(
+    tmp_path: Path, start_forward: StartForward, peers: list[Peer]
+) -> None:
+    """While R does not read, forward stops reading from the browser (TCP pushes back), so the
+    browser's pong cannot be read either: that is no dead peer, and the session must live."""
+    fake = await FakeRserve(tmp_path / "busy.sock", _busy_then_echo, record=False).start()
+    try:
+        fwd = await start_forward(fake.path, ws_ping=0.4)
+        peer = await Peer.open(fwd, track=peers)
+        await peer.head()
+        body = os.urandom(4 << 20)  # more than the unix socket takes while R is busy
+        peer.writer.write(client_frame(Opcode.BINARY, qap_call(body, 9)))
+        answer = bytearray()
+        while True:  # a browser answering every ping, as browsers do
+            opcode, fin, payload = await asyncio.wait_for(peer.frame(), 20)
+            if opcode == Opcode.PING:
+                peer.writer.write(client_frame(Opcode.PONG, payload))
+            elif opcode in (Opcode.BINARY, Opcode.CONTINUATION):
+                answer += payload
+                if fin:
+                    break
+            else:
+                assert opcode == Opcode.TEXT, f"unexpected frame {opcode}: {payload[:60]!r}"
+        assert bytes(answer[16:]) == body
+    finally:
+        await fake.stop()
+
+
+async def test_a_browser_that_only_pings_and_never_reads_is_pushed_back(
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
+) -> None:
+    """Every ping wants a pong; a peer that sends pings and reads nothing must not make forward
+    queue pongs without bound: once the browser's socket is full, forward stops reading it."""
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(fwd, track=peers)
+    await peer.head()
+    ping = client_frame(Opcode.PING, b"p" * 125)
+    sent = 0
+    try:
+        while sent < 64 << 20:
+            peer.writer.write(ping * 512)
+            sent += len(ping) * 512
+            await asyncio.wait_for(peer.writer.drain(), 2)
+    except TimeoutError:
+        pass  # forward stopped reading: TCP pushed back on the browser
+    (session,) = fwd.server.sessions
+    assert session.ws is not None and session.ws.transport is not None
+    queued = session.ws.transport.get_write_buffer_size()
+    assert sent < 64 << 20, "forward kept reading from a browser that reads nothing"
+    assert queued < 4 << 20, f"{queued} bytes of pongs queued"
+
+
+async def _many_answers(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
+) -> None:
+    writer.write(ID_STRING)
+    await reader.read(65536)  # one request, then a stream of 17 KB answers
+    body = b"a" * (17 * 1024)
+    for i in range(300):
+        writer.write(Header(Cmd.RESP_OK, len(body), i).encode() + body)
+        await writer.drain()
+    await reader.read(1)
+
+
+async def test_a_stalled_browser_holds_its_bytes_not_whole_read_buffers(
+    tmp_path: Path,
+    start_forward: StartForward,
+    peers: list[Peer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R's answers are read into a shared 256 KB buffer; a browser that stops reading must not
+    keep a new one alive for every read: after the first, queued chunks are copied."""
+    from forward import wsconn
+
+    renewals = 0
+    real_renew = wsconn.ReadBuffer.renew
+
+    def counting(self: wsconn.ReadBuffer) -> None:
+        nonlocal renewals
+        renewals += 1
+        real_renew(self)
+
+    monkeypatch.setattr(wsconn.ReadBuffer, "renew", counting)
+    fake = await FakeRserve(tmp_path / "many.sock", _many_answers, record=False).start()
+    try:
+        fwd = await start_forward(fake.path)
+        peer = await Peer.open(fwd, track=peers)
+        await peer.head()
+        peer.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        peer.writer.write(client_frame(Opcode.BINARY, qap_call(b"go")))
+        (session,) = fwd.server.sessions
+        for _ in range(300):  # until forward has paused reading from R for this browser
+            await asyncio.sleep(0.01)
+            if session._reading_paused:
+                break
+        assert session._reading_paused
+        assert renewals <= 1, f"{renewals} read buffers renewed for one stalled browser"
+    finally:
+        await fake.stop()
+
+
+async def test_shutdown_waits_once_then_drops_browsers_that_do_not_answer(
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer]
+) -> None:
+    fwd = await start_forward(echo.path, shutdown_timeout=0.5)
+    peer = await Peer.open(fwd, track=peers)
+    await peer.head()
+    await peer.data_frame()  # greeting; this browser will never answer a close
+    await fwd.server.stop()
+    assert not fwd.server.sessions  # not left open after stop()
+    frames = []
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            frames.append(await peer.frame())
+    assert (Opcode.CLOSE, True) in {(op, fin) for op, fin, _ in frames}
+
+
+async def test_unparseable_request_gets_400_without_an_error_in_the_log(
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fwd = await start_forward(echo.path)
+    peer = await Peer.open(fwd, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n", track=peers)
+    assert b" 400 Bad Request\r\n" in await peer.head()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("connection", "upgraded"), [("keep-alive, Upgrade", True), ("x-upgrade-not", False)]
+)
+async def test_connection_header_is_read_as_tokens(
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    connection: str,
+    upgraded: bool,
+) -> None:
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port("ws")  # -w: anything but an upgrade is 426
+    request = (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: {connection}\r\nSec-WebSocket-Key: {KEY}\r\n{V13}\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Peer(reader, writer)
+    peers.append(peer)
+    writer.write(request)
+    head = await peer.head()
+    assert head.startswith(b"HTTP/1.1 101 " if upgraded else b"HTTP/1.1 426 ")

@@ -142,8 +142,10 @@ def test_partial_header_and_control_frame_are_kept_until_complete() -> None:
     assert p.feed(raw[-1:]) == [Ping(b"12345")]
 
 
-def test_close_frame_reason_is_cut_to_fit_a_control_frame() -> None:
-    frame = close_frame(1011, "é" * 200)
+@pytest.mark.parametrize("reason", ["é" * 200, "x" + "é" * 100, "✓" * 60])
+def test_close_frame_reason_is_cut_to_fit_a_control_frame(reason: str) -> None:
+    frame = close_frame(1011, reason)
+    # Still valid UTF-8 when the cut falls inside a character.
     assert len(frame) <= 2 + 125 and frame[4:].decode().endswith("...")
 
 
