@@ -106,18 +106,25 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
         raise web.HTTPForbidden(text=f"Forbidden: {refused.reason}.\n") from None
     answer = wsconn.handshake(request)
+    refusal = None
     try:
         guard.admit(client)
     except Refused as refused:
-        # After the upgrade, so that the browser sees the reason (a failed handshake hides it).
+        # Told after the upgrade, so that the browser sees the reason (a failed handshake
+        # hides it).
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
-        try:
-            transport, tail = wsconn.take_over(request, answer)
-        except ConnectionResetError:
-            return wsconn.Detached()
-        ws = wsconn.ServerWebSocket(transport, _Refused(), app[BUFFERS][0])
+        refusal = f"{refused.reason}; try again later"
+    try:
+        transport, tail = wsconn.take_over(request, answer)
+    except ConnectionResetError:  # the browser left before its upgrade was answered
+        if refusal is None:
+            guard.release(client)
+        return wsconn.Detached()
+    from_browser, from_r = app[BUFFERS]
+    if refusal is not None:
+        ws = wsconn.ServerWebSocket(transport, _Refused(), from_browser)
         ws.start(tail)
-        ws.close(1013, f"{refused.reason}; try again later")
+        ws.close(1013, refusal)
         return wsconn.Detached()
     sessions = app[SESSIONS]
 
@@ -125,14 +132,8 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         sessions.discard(session)
         guard.release(client)
 
-    from_browser, from_r = app[BUFFERS]
     label = f"{client} on {app[LISTENER]}"
     session = Session(app[RELAY], label, from_r, sessions.next_id(), end)
-    try:
-        transport, tail = wsconn.take_over(request, answer)
-    except ConnectionResetError:  # the browser left before its upgrade was answered
-        guard.release(client)
-        return wsconn.Detached()
     session.ws = ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING])
     sessions.add(session)
     ws.start(tail, wsconn.HOLD_CONNECTING)

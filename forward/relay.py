@@ -212,14 +212,7 @@ class Session:
             timer.cancel()
         if self._greeting_timer is not None:
             self._greeting_timer.cancel()
-        backend, self._backend = self._backend, None
-        if backend is not None and backend.transport is not None:
-            # Bytes still queued for an R that is not reading would keep the socket (and R's
-            # process) past the session: drop them.
-            if backend.transport.get_write_buffer_size() > 0:
-                backend.transport.abort()
-            else:
-                backend.transport.close()
+        self._drop_backend()
         log.info(
             "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
             self.id,
@@ -244,10 +237,19 @@ class Session:
         if self.ended == "open":
             self.ended = ended or reason
         ws.close(code, reason)
+        self._drop_backend()
+
+    def _drop_backend(self) -> None:
+        """Close R's connection on our side; its `connection_lost` is then ignored."""
         backend, self._backend = self._backend, None
         self._backend_alive = False
         if backend is not None and backend.transport is not None:
-            backend.transport.close()
+            # Bytes still queued for an R that is not reading would keep the socket (and R's
+            # process) past the session: drop them.
+            if backend.transport.get_write_buffer_size() > 0:
+                backend.transport.abort()
+            else:
+                backend.transport.close()
 
     def abort(self) -> None:
         """Drop the browser's connection without a close handshake (its end follows)."""
@@ -434,9 +436,7 @@ class Session:
         self._backend_alive = False
         backend = self._backend
         if backend is not None and backend.transport is not None:
-            backend.transport.abort()
-        if self.ws is not None:
-            self.ws.release(HOLD_BACKEND_FULL)
+            backend.transport.abort()  # its connection_lost releases HOLD_BACKEND_FULL
         # Newest first: nested OCAP calls unwind like a stack.
         while self._pending:
             self._answer_broken(self._pending.pop())

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import hdrs, web
 
 from . import wsframe
-from .wsframe import Close, Opcode, Ping, Pong, ProtocolError
+from .wsframe import Close, Opcode, Ping, ProtocolError
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -242,8 +242,7 @@ class ServerWebSocket(asyncio.BufferedProtocol):
             elif isinstance(event, Close):
                 self._closed_by_browser(event)
                 return
-            elif isinstance(event, Pong):
-                pass  # `_heard` is all a pong is for
+            # A Pong needs nothing more: `_heard` is all it is for.
 
     def eof_received(self) -> bool:
         return False  # close the transport: a half-closed WebSocket is of no use
@@ -254,9 +253,12 @@ class ServerWebSocket(asyncio.BufferedProtocol):
             if timer is not None:
                 timer.cancel()
         self._close_timer = self._ping_timer = None
-        why = self._why or ("closed" if self.closing else "browser went away")
-        if exc is not None and not self._why and not self.closing:
-            why = f"browser went away ({exc})"
+        if self._why:
+            why = self._why
+        elif self.closing:
+            why = "closed"
+        else:
+            why = f"browser went away ({exc})" if exc else "browser went away"
         self._handler.ws_closed(why)
 
     def pause_writing(self) -> None:

@@ -24,6 +24,7 @@ from forward.wsframe import Opcode
 from .conftest import Rserve, Running, StartForward
 from .fakes import ID_STRING, FakeRserve
 from .rclient import RClient
+from .test_guard import works
 from .test_wsframe import client_frame
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # the example of RFC 6455 section 1.3
@@ -176,9 +177,7 @@ async def test_bad_handshakes_get_a_clear_http_answer(
     assert words in body.decode()
     peer.close()
     assert echo.connections == 0  # refused before R was asked for anything
-    async with await RClient.connect(fwd.url()) as c:  # and the server goes on
-        await c.send(Cmd.EVAL, b"x", msg_id=1)
-        assert (await c.response()).payload == b"x"
+    await works(fwd)  # and the server goes on
 
 
 async def test_frames_sent_with_the_upgrade_request_reach_r(
@@ -253,9 +252,7 @@ async def test_protocol_errors_close_with_a_code_and_end_the_r_side(
     assert await peer.closed()  # and the connection, without waiting for an answer
     assert len([r for r in caplog.records if words in r.getMessage()]) == 1
     peer.close()
-    async with await RClient.connect(fwd.url()) as c:
-        await c.send(Cmd.EVAL, b"y", msg_id=1)
-        assert (await c.response()).payload == b"y"
+    await works(fwd)
 
 
 async def test_browser_close_is_answered_and_the_connection_ends(
