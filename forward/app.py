@@ -17,7 +17,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from aiohttp import hdrs, web
@@ -25,11 +25,13 @@ from aiohttp import hdrs, web
 from . import accesslog, health, tls, wsconn
 from .config import Config, ConfigError
 from .guard import (
+    Authority,
     Guard,
     GuardSettings,
     HeaderDeadline,
     IpRule,
     Refused,
+    browser_authority,
     parse_ip_rules,
     parse_networks,
 )
@@ -95,16 +97,12 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     client = guard.client(
         request.remote, request.headers.get("X-Forwarded-For"), request.headers.get("X-Real-IP")
     )
-    trusted_proxy = client != request.remote
-    host = request.headers.get("X-Forwarded-Host") if trusted_proxy else None
-    scheme = (request.headers.get("X-Forwarded-Proto") if trusted_proxy else None) or (
-        "https" if request.secure else "http"
-    )
     try:
-        guard.check_origin(request.headers.get(hdrs.ORIGIN), host or request.host, scheme)
+        guard.check_origin(request.headers.get(hdrs.ORIGIN), guard_authority(request, guard))
     except Refused as refused:
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
-        raise web.HTTPForbidden(text=f"Forbidden: {refused.reason}.\n") from None
+        # The browser never shows this body; the log line above says what to change.
+        raise web.HTTPForbidden(text="Forbidden: this page's origin is not allowed.\n") from None
     answer = wsconn.handshake(request)
     refusal = None
     try:
@@ -139,6 +137,14 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     ws.start(tail, wsconn.HOLD_CONNECTING)
     await session.start()
     return wsconn.Detached()
+
+
+def guard_authority(request: web.Request, guard: Guard) -> Authority | None:
+    """The host the browser addressed: Host, or what a trusted proxy says it was."""
+    trusted = guard.trusts(request.remote)
+    return browser_authority(
+        request.headers.get(hdrs.HOST), request.secure, request.headers if trusted else None
+    )
 
 
 class _Refused:
@@ -360,6 +366,13 @@ class Server:
             self.ssl_context.on_build(lambda ctx: health.count_tls_failures(ctx, stats_row))
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
+            # A page from -p may open its session on -w: the origin rule needs -p's real port.
+            own_ports = tuple(
+                int(sock.getsockname()[1])
+                for sock in socks.get("http", ())
+                if sock.family in (socket.AF_INET, socket.AF_INET6)
+            )
+            guard.settings = replace(guard.settings, own_ports=own_ports)
             for name, app in apps.items():
                 runner: web.AppRunner = GuardedRunner(
                     app,

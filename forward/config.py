@@ -160,9 +160,10 @@ class Config:
         "--allow-origin",
         metavar="ORIGIN",
         action="append",
-        help="a browser Origin allowed to open sessions besides the server's own: a host "
-        "name where * matches anything (*.example.com), a full https://host[:port], or * for "
-        "any; repeatable (default: only same-origin pages)",
+        help="a browser Origin allowed to open sessions besides this server's own site: a "
+        "host name where * matches anything (*.example.com), a full https://host[:port], or * "
+        "for any; repeatable (default: pages from the host the browser addressed, on that port "
+        "or on -p's; see docs/security.md)",
     )
     ip_rules: str | None = _opt(
         None,

@@ -17,7 +17,7 @@ import fnmatch
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -141,46 +141,182 @@ def _in(address: str, networks: Sequence[Network]) -> bool:
 
 
 # -- Origin --
+#
+# The check stops cross-site WebSocket hijacking: a page from another site driving a user's
+# browser (inside the intranet, holding a client certificate) into a session with R. Browsers
+# always send Origin on an upgrade and a page's script cannot set it, nor Host, Forwarded or
+# X-Forwarded-*; clients that are not browsers send no Origin and are not what this guards
+# against. The rule, in docs/security.md's words: a page may open a session when it comes from
+# the host the browser addressed for the upgrade, on the port it addressed or on forward's own
+# HTTP port (the page from -p, its socket on -w), and is not a plain-http page opening an https
+# session; or when --allow-origin names it.
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_SECURE = {"https": "https", "wss": "https", "http": "http", "ws": "http"}
 
 
-def _host_port(authority: str, scheme: str) -> str:
-    parts = urlsplit(f"{scheme}://{authority}")
+def shown(text: str, limit: int = 200) -> str:
+    """Client-supplied text made safe for a log line, a header or a response body: printable
+    ASCII only (anything else escaped), cut to `limit` characters."""
+    out = text.encode("ascii", "backslashreplace").decode("ascii")
+    out = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in out)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """The scheme, host and port the browser addressed, as far as forward can tell."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lower case, IPv6 without brackets
+    port: int | None  # None: the header named no port (a proxy may have dropped it)
+    source: str  # the header it was read from, for the log line
+
+    def text(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def _split_authority(value: str) -> tuple[str, int | None] | None:
+    """`host[:port]` -> (lower-case host, port or None); None when it is not one."""
+    value = value.strip()
+    if not value or any(c in value for c in "/?#@ \t"):
+        return None
     try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+        parts = urlsplit(f"//{value}")
+        port = parts.port
     except ValueError:
-        return ""
-    host = (parts.hostname or "").lower()
-    return f"{host}:{port}"
+        return None
+    host = (parts.hostname or "").rstrip(".")
+    return (host, port) if host else None
 
 
-def origin_allowed(
-    origin: str | None, host: str | None, allowed: Sequence[str], scheme: str = "http"
-) -> bool:
-    """Cross-site WebSocket hijacking protection.
+def _last(value: str | None) -> str | None:
+    """The last entry of a comma-separated header: the one the nearest proxy wrote."""
+    if value is None:
+        return None
+    last = value.rsplit(",", 1)[-1].strip()
+    return last or None
+
+
+def parse_forwarded(value: str) -> list[dict[str, str]]:
+    """RFC 7239 `Forwarded`: one dict per element, keys lower case, quoted values unquoted.
+    Garbage is skipped, never raised: `for=a;proto=https, host="x:1";` -> two elements."""
+    elements: list[dict[str, str]] = []
+    pairs: dict[str, str] = {}
+    key, buf, quoted, escaped = None, [], False, False
+    for c in value + ",":
+        if quoted:
+            if escaped:
+                buf.append(c)
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+            else:
+                buf.append(c)
+        elif c == '"' and key is not None:
+            quoted = True
+        elif c == "=" and key is None:
+            key, buf = "".join(buf).strip().lower(), []
+        elif c in ";,":
+            if key:
+                pairs[key] = "".join(buf).strip()
+            key, buf = None, []
+            if c == ",":
+                if pairs:
+                    elements.append(pairs)
+                pairs = {}
+        else:
+            buf.append(c)
+    return elements
+
+
+def browser_authority(
+    host: str | None,
+    secure: bool,
+    proxy_headers: Mapping[str, str] | None = None,
+) -> Authority | None:
+    """What the browser addressed. `proxy_headers` are given only for a trusted proxy's
+    request: its RFC 7239 `Forwarded` (last element), else `X-Forwarded-Host` with
+    `X-Forwarded-Port` and `X-Forwarded-Proto`, override `Host` and the listener's scheme."""
+    scheme = "https" if secure else "http"
+    source = "Host"
+    if proxy_headers:
+        forwarded = parse_forwarded(proxy_headers.get("Forwarded", ""))
+        element = forwarded[-1] if forwarded else {}
+        proto = element.get("proto") or _last(proxy_headers.get("X-Forwarded-Proto"))
+        if proto and proto.lower() in _SECURE:
+            scheme = _SECURE[proto.lower()]
+        if element.get("host"):
+            host, source = element["host"], "Forwarded"
+        elif _last(proxy_headers.get("X-Forwarded-Host")):
+            host, source = _last(proxy_headers.get("X-Forwarded-Host")), "X-Forwarded-Host"
+            port = _last(proxy_headers.get("X-Forwarded-Port"))
+            split = _split_authority(host or "")
+            if split is not None and split[1] is None and port and port.isdigit():
+                host = f"{host}:{port}"
+    split = _split_authority(host or "")
+    if split is None:
+        return None
+    return Authority(scheme, split[0], split[1], source)
+
+
+def origin_refusal(
+    origin: str | None,
+    authority: Authority | None,
+    allowed: Sequence[str] = (),
+    own_ports: Sequence[int] = (),
+) -> str | None:
+    """None when `origin` may open a session, else why not (one line, client text escaped,
+    saying what to change when the cause is probably a proxy that hides the browser's host).
 
     No Origin (not a browser): allowed. `*` in `allowed`: any origin. An origin whose host
     matches an allowed pattern (`app.example.com`, `*.example.com`, or a full
-    `https://app.example.com[:port]`): allowed. Otherwise the origin's host and port must be the
-    Host the request was sent to (the same-origin default).
-    """
-    if origin is None:
-        return True
-    if "*" in allowed:
-        return True
-    parts = urlsplit(origin.strip())
-    if not parts.scheme or not parts.hostname:
-        return False  # "null" (sandboxed frames, file:) and garbage
-    origin_host = parts.hostname.lower()
+    `https://app.example.com[:port]`): allowed. Otherwise the rule above, with `own_ports` the
+    ports of forward's own HTTP listener."""
+    if origin is None or "*" in allowed:
+        return None
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port
+    except ValueError:
+        return f"origin {shown(origin)} is not a URL"
+    scheme = (parts.scheme or "").lower()
+    if not scheme or not parts.hostname or scheme not in _SECURE:
+        return f"origin {shown(origin)} is not a web page's"  # "null" (sandboxed, file:)
+    origin_host = parts.hostname.lower().rstrip(".")
     origin_full = origin.strip().lower().rstrip("/")
     for pattern in allowed:
         p = pattern.lower().rstrip("/")
         if fnmatch.fnmatchcase(origin_full if "://" in p else origin_host, p):
-            return True
-    if host is None:
-        return False
-    return _host_port(origin.split("://", 1)[1], parts.scheme) == _host_port(host, scheme)
+            return None
+    fix = f"--allow-origin {shown(origin.strip())}"
+    if authority is None:
+        return f"origin {shown(origin)} refused: the request names no host; if it is yours: {fix}"
+    seen = f"{authority.source} {shown(authority.text())!r}"
+    if origin_host != authority.host:
+        hint = (
+            "a proxy in front of forward seems not to pass the browser's host (nginx: "
+            "proxy_set_header Host $http_host; or X-Forwarded-Host $http_host with "
+            f"--trusted-proxy), or the page is another site's; if it is yours: {fix}"
+        )
+        return f"origin {shown(origin)} is not this server's ({seen}): {hint}"
+    port = origin_port or _DEFAULT_PORTS[scheme]
+    addressed = authority.port or _DEFAULT_PORTS[scheme]
+    if port != addressed and port not in own_ports:
+        if authority.port is None:
+            hint = (
+                "a proxy in front of forward seems to drop the port (nginx: $http_host "
+                f"instead of $host), or the page is another server's; if it is yours: {fix}"
+            )
+        else:
+            hint = f"the page is another server's on this host; if it is yours: {fix}"
+        return f"origin {shown(origin)} is another port than {seen}: {hint}"
+    if _SECURE[scheme] == "http" and authority.scheme == "https":
+        return f"origin {shown(origin)} is a plain-http page and this is an https site"
+    return None
 
 
 # -- the running guard --
@@ -193,6 +329,8 @@ class GuardSettings:
     trusted: tuple[Network, ...] = ()
     max_sessions: int = 0
     max_sessions_per_client: int = 0
+    # forward's own HTTP port (-p): a page from it may open its session on -w.
+    own_ports: tuple[int, ...] = ()
 
 
 class Guard:
@@ -212,9 +350,15 @@ class Guard:
         if not ip_allowed(self.settings.ip_rules, client):
             raise Refused(403, f"address {client} is not allowed")
 
-    def check_origin(self, origin: str | None, host: str | None, scheme: str) -> None:
-        if not origin_allowed(origin, host, self.settings.allow_origin, scheme):
-            raise Refused(403, f"origin {origin} is not allowed")
+    def trusts(self, peer: str | None) -> bool:
+        """Whether `peer` is a trusted proxy (the unix-socket listener's peers are)."""
+        return peer == "" or (peer is not None and _in(peer, self.settings.trusted))
+
+    def check_origin(self, origin: str | None, authority: Authority | None) -> None:
+        s = self.settings
+        why = origin_refusal(origin, authority, s.allow_origin, s.own_ports)
+        if why is not None:
+            raise Refused(403, why)
 
     def admit(self, client: str) -> None:
         s = self.settings

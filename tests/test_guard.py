@@ -12,7 +12,17 @@ import aiohttp
 import pytest
 
 from forward.config import ConfigError
-from forward.guard import client_address, ip_allowed, origin_allowed, parse_ip_rules
+from forward.guard import (
+    Authority,
+    Guard,
+    GuardSettings,
+    browser_authority,
+    client_address,
+    ip_allowed,
+    origin_refusal,
+    parse_forwarded,
+    parse_ip_rules,
+)
 from forward.qap import SHUTDOWN_NOTICE, Cmd
 
 from .conftest import Running, StartForward
@@ -56,27 +66,136 @@ def test_ip_rules_errors_name_the_line(text: str, message: str) -> None:
         parse_ip_rules(text)
 
 
+def here(host: str | None, secure: bool = False, **proxy: str) -> Authority | None:
+    headers = {k.replace("_", "-"): v for k, v in proxy.items()}
+    return browser_authority(host, secure, headers or None)
+
+
 @pytest.mark.parametrize(
-    ("origin", "host", "allowed", "scheme", "ok"),
+    ("origin", "authority", "allowed", "ok"),
     [
-        (None, "x:1", (), "http", True),  # not a browser
-        ("http://x:1", "x:1", (), "http", True),
-        ("http://X:1", "x:1", (), "http", True),  # host names are case-insensitive
-        ("https://x", "x:443", (), "https", True),  # default ports
-        ("http://x:2", "x:1", (), "http", False),
-        ("http://evil.com", "x:1", (), "http", False),
-        ("null", "x:1", (), "http", False),
-        ("http://evil.com", "x:1", ("*",), "http", True),
-        ("https://a.b.example.com", "x", ("*.example.com",), "https", True),
-        ("https://example.com.evil.net", "x", ("*.example.com",), "https", False),
-        ("https://app.example.com", "x", ("https://app.example.com",), "https", True),
-        ("http://app.example.com", "x", ("https://app.example.com",), "https", False),
+        (None, here("x:1"), (), True),  # not a browser
+        ("http://x:1", here("x:1"), (), True),
+        ("http://X:1", here("x:1"), (), True),  # host names are case-insensitive
+        ("http://x.:1", here("x:1"), (), True),  # a trailing dot names the same host
+        ("https://x", here("x:443", secure=True), (), True),  # default ports
+        ("https://x:443", here("x", secure=True), (), True),
+        ("https://x:8443", here("x:8443", secure=True), (), True),
+        ("http://[::1]:8080", here("[::1]:8080"), (), True),
+        # The canonical layout: the page from -p 8080, its socket on -w 8081.
+        ("https://x:8080", here("x:8081", secure=True), (), True),
+        ("https://x:9000", here("x:8081", secure=True), (), False),  # another server's page
+        ("http://x:2", here("x:1"), (), False),
+        ("http://evil.com", here("x:1"), (), False),
+        ("http://evil.com:8080", here("x:8081"), (), False),  # -p's port, another host
+        ("null", here("x:1"), (), False),
+        ("file://", here("x:1"), (), False),
+        ("chrome-extension://x", here("x:1"), (), False),
+        ("http://x:1", None, (), False),  # no Host
+        # A plain-http page may not drive an https session, not even on the same host.
+        ("http://x", here("x", secure=True), (), False),
+        ("http://x:80", here("x:443", secure=True), (), False),
+        # Behind a TLS proxy forward itself is plain: an https page is the normal case.
+        ("https://x", here("x"), (), True),
+        ("https://x:8443", here("x"), (), False),  # a proxy that dropped the port
+        ("http://evil.com", here("x:1"), ("*",), True),
+        ("https://a.b.example.com", here("x"), ("*.example.com",), True),
+        ("https://example.com.evil.net", here("x"), ("*.example.com",), False),
+        ("https://app.example.com", here("x"), ("https://app.example.com",), True),
+        ("http://app.example.com", here("x"), ("https://app.example.com",), False),
+        # Rserve's RCloud example: nginx passes no Host, forward sees the upstream's name.
+        ("https://r.example.com", here("rcloud_servers"), (), False),
+        (
+            "https://r.example.com:8443",
+            here("rcloud_servers"),
+            ("https://r.example.com:8443",),
+            True,
+        ),
+        # A trusted proxy's word for the browser's host, in each standard header.
+        ("https://r.example.com:8443", here("up", X_Forwarded_Host="r.example.com:8443"), (), True),
+        (
+            "https://r.example.com:8443",
+            here("up", X_Forwarded_Host="r.example.com", X_Forwarded_Port="8443"),
+            (),
+            True,
+        ),
+        ("https://r.example.com", here("up", X_Forwarded_Host="r.example.com"), (), True),
+        ("https://r.example.com:8443", here("up", Forwarded="host=r.example.com:8443"), (), True),
+        (
+            "https://r.example.com:8443",
+            here("up", Forwarded='for=1.2.3.4, host="r.example.com:8443";proto=https;'),
+            (),
+            True,
+        ),
+        # The proxy's own element (the last) counts, not one the client put before it.
+        ("https://evil.com", here("up", Forwarded="host=evil.com, host=r.example.com"), (), False),
+        ("https://evil.com", here("up", X_Forwarded_Host="evil.com, r.example.com"), (), False),
+        # Forwarded proto=https behind a plain listener: a plain-http page is a downgrade.
+        ("http://r.example.com", here("up", Forwarded="host=r.example.com;proto=https"), (), False),
+        (
+            "http://r.example.com",
+            here("up", X_Forwarded_Host="r.example.com", X_Forwarded_Proto="https"),
+            (),
+            False,
+        ),
     ],
 )
 def test_origin_rules(
-    origin: str | None, host: str, allowed: tuple[str, ...], scheme: str, ok: bool
+    origin: str | None, authority: Authority | None, allowed: tuple[str, ...], ok: bool
 ) -> None:
-    assert origin_allowed(origin, host, allowed, scheme) is ok
+    why = origin_refusal(origin, authority, allowed, own_ports=(8080,))
+    assert (why is None) is ok, why
+
+
+def test_forwarded_headers_are_believed_only_from_a_trusted_proxy() -> None:
+    headers = {"X-Forwarded-Host": "r.example.com", "Forwarded": "host=r.example.com"}
+    untrusted = browser_authority("up:8081", False, None)
+    assert untrusted == Authority("http", "up", 8081, "Host")
+    trusted = browser_authority("up:8081", False, headers)
+    assert trusted == Authority("http", "r.example.com", None, "Forwarded")
+
+
+@pytest.mark.parametrize(
+    ("value", "elements"),
+    [
+        ("host=a:1;proto=https", [{"host": "a:1", "proto": "https"}]),
+        ('For="[2001:db8::1]:80";Host="a, b"', [{"for": "[2001:db8::1]:80", "host": "a, b"}]),
+        ("for=1.2.3.4, host=b;;", [{"for": "1.2.3.4"}, {"host": "b"}]),
+        ('host="a\\"b"', [{"host": 'a"b'}]),
+        ("", []),
+        ("garbage, ;=, =x", []),
+    ],
+)
+def test_forwarded_header_parsing(value: str, elements: list[dict[str, str]]) -> None:
+    assert parse_forwarded(value) == elements
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://[::1",
+        "http://\xff.example",
+        "http://\udcff.example",
+        "http://x:99999",
+        "http://x:port",
+        "http://a\r\nSet-Cookie: x",
+        "x" * 5000,
+    ],
+)
+def test_hostile_origins_are_refused_with_a_printable_reason(origin: str) -> None:
+    for authority in (here("x:1"), here("[::1"), here("\xff"), None):
+        why = origin_refusal(origin, authority)
+        assert why is not None
+        assert why.isascii() and why.isprintable() and len(why) < 1000, why
+
+
+def test_the_refusal_says_what_to_change() -> None:
+    why = origin_refusal("https://r.example.com", here("rcloud_servers"))
+    assert why is not None
+    assert "'rcloud_servers'" in why and "Host $http_host" in why
+    assert "--allow-origin https://r.example.com" in why
+    dropped = origin_refusal("https://r.example.com:8443", here("r.example.com"))
+    assert dropped is not None and "drop the port" in dropped
 
 
 def test_client_address_believes_only_trusted_proxies() -> None:
@@ -130,6 +249,33 @@ async def test_foreign_origin_is_refused_before_any_backend_connection(
         async with await RClient.connect(fwd.url("http"), origin=origin) as c:
             await c.send(Cmd.EVAL, b"ok", msg_id=1)
             assert (await c.response()).payload == b"ok"
+
+
+async def test_proxy_headers_count_only_from_a_trusted_proxy(
+    echo: FakeRserve, start_forward: StartForward, caplog: pytest.LogCaptureFixture
+) -> None:
+    origin = "https://r.example.com:8443"
+    said = {"X-Forwarded-Host": "r.example.com:8443", "X-Forwarded-Proto": "https"}
+    rfc = {"Forwarded": 'for=192.0.2.1;host="r.example.com:8443";proto=https'}
+    untrusted = await start_forward(echo.path)
+    async with aiohttp.ClientSession() as s:
+        for headers in (said, rfc):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(untrusted.url("ws"), origin=origin, headers=headers)
+            assert info.value.status == 403
+    assert echo.connections == 0
+    assert f"origin {origin} is not this server's (Host '127.0.0.1:" in caplog.text
+    trusted = await start_forward(echo.path, trusted_proxy=("127.0.0.1",))
+    for headers in (said, rfc):
+        async with await RClient.connect(trusted.url("ws"), origin=origin, headers=headers) as c:
+            await c.send(Cmd.EVAL, b"ok", msg_id=1)
+            assert (await c.response()).payload == b"ok"
+
+
+def test_the_unix_listener_peer_is_a_trusted_proxy() -> None:
+    guard = Guard(GuardSettings(trusted=(ipaddress.ip_network("10.0.0.0/8"),)))
+    assert guard.trusts("") and guard.trusts("10.1.2.3") and guard.trusts("::ffff:10.1.2.3")
+    assert not guard.trusts("192.0.2.1") and not guard.trusts(None)
 
 
 async def test_ip_rules_refuse_http_and_websocket(
