@@ -6,6 +6,7 @@ developer's machine and fail in CI (CI=true), where `.ci/run` installs it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -263,3 +265,81 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     server.cert_chain_pems[0].write_to_path(str(pki.cert))
     ca.cert_pem.write_to_path(str(pki.ca_file))
     return pki
+
+
+@dataclass
+class ForwardProcess:
+    """forward started as users start it (`python -m forward ...`), with its stderr kept."""
+
+    proc: asyncio.subprocess.Process
+    ports: dict[str, int]  # flag ("-p", "-w", ...) -> the port it was given
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def url(self, scheme: str, flag: str = "-p", path: str = "/") -> str:
+        return f"{scheme}://127.0.0.1:{self.ports[flag]}{path}"
+
+
+StartCli = Callable[..., Awaitable[ForwardProcess]]
+
+
+async def _copy_lines(
+    stream: asyncio.StreamReader, path: Path, listening: list[str], ready: asyncio.Event, need: int
+) -> None:
+    """forward's stderr into `path`; `ready` once `need` listeners are up, or at its exit."""
+    with path.open("ab") as out:
+        while line := await stream.readline():
+            out.write(line)
+            out.flush()
+            if b"listening on" in line:
+                listening.append(line.decode(errors="replace"))
+                if len(listening) >= need:
+                    ready.set()
+    ready.set()
+
+
+@pytest.fixture
+async def forward_cli(tmp_path: Path) -> AsyncIterator[StartCli]:
+    """Start forward's command line on 127.0.0.1 with free ports for the given flags; ready
+    once it has logged one "listening on" line per listener. Stopped (SIGTERM) at the end."""
+    started: list[tuple[asyncio.subprocess.Process, asyncio.Task[None]]] = []
+
+    async def start(*args: str, ports: tuple[str, ...] = ("-p",)) -> ForwardProcess:
+        for _attempt in range(3):
+            chosen = {flag: free_port() for flag in ports}
+            given = [word for flag, port in chosen.items() for word in (flag, str(port))]
+            log_path = tmp_path / f"forward-{len(started)}.log"
+            proc = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "forward", "-b", "127.0.0.1"],
+                *["-u", str(tmp_path / "no-ulog"), *given, *args],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            listening: list[str] = []
+            ready = asyncio.Event()
+            copier = asyncio.create_task(
+                _copy_lines(proc.stderr, log_path, listening, ready, len(ports))
+            )
+            started.append((proc, copier))
+            async with asyncio.timeout(30):
+                await ready.wait()
+            if len(listening) >= len(ports):
+                return ForwardProcess(proc, chosen, log_path)
+            await proc.wait()
+            text = log_path.read_text(errors="replace")
+            if "cannot listen" not in text:
+                raise RuntimeError(f"forward exited with {proc.returncode}: {text}")
+        raise RuntimeError("no free port for forward after 3 attempts")
+
+    yield start
+    for proc, copier in started:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await copier
