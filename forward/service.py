@@ -25,9 +25,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import __version__, daemon, tls
-from .app import Server, unlink_unix
+from .app import Server
 from .config import Config, ConfigError
 from .dispatch import make_http_handler
+from .listeners import unlink_unix
 from .srvmgr import ServerManager
 from .stats import Stats
 

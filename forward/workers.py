@@ -25,8 +25,8 @@ import socket
 import time
 
 from . import service
-from .app import bind_listeners
 from .config import Config
+from .listeners import bind_listeners
 from .logsetup import close_logging, setup_logging
 from .stats import Stats
 
