@@ -21,6 +21,7 @@ from typing import Any, cast
 from aiohttp import hdrs, web
 
 from . import accesslog, health, tls, wsconn
+from .aiohttp_private import WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
     Guard,
@@ -173,15 +174,14 @@ async def ip_rules(request: web.Request, handler: Handler) -> web.StreamResponse
     return await handler(request)
 
 
-class GuardedRunner(web.AppRunner):
+class GuardedRunner(WrappingRunner):
     """An AppRunner whose connections must send a complete request header in time."""
 
     def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
+    def wrap_server(self, server: web.Server) -> web.Server:
         return cast(web.Server, HeaderDeadline(server, self._header_timeout))
 
 

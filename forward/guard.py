@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .aiohttp_private import requests_started
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ class HeaderDeadline:
 
     def _expire(self, handler: Any, rechecks: int = RECHECKS) -> None:
         # aiohttp counts a request once its header is complete.
-        if handler._request_count > 0:
+        if requests_started(handler) > 0:
             return
         if handler.transport is None:  # not connected yet: the TLS handshake is still running
             if rechecks > 0:

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .aiohttp_private import AcceptingSite
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,7 @@ ContextSource = Callable[[], ssl.SSLContext]
 ACCEPT_RETRY_DELAY = 1.0  # as asyncio's own servers, after EMFILE and the like
 
 
-class TLSSite(web.SockSite):
+class TLSSite(AcceptingSite):
     """A SockSite that hands each accepted connection the TLS context of the moment.
 
     asyncio's `create_server(ssl=...)` fixes the context for the listener's life and drops
@@ -362,11 +363,10 @@ class TLSSite(web.SockSite):
         self._contexts = contexts
         self._listener = listener
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        factory = self._runner.server
-        assert factory is not None
-        self._server = _Acceptor(self._sock, factory, self._contexts, self._listener)
+    def accept(
+        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.AbstractServer:
+        return _Acceptor(sock, factory, self._contexts, self._listener)
 
 
 class _Acceptor(asyncio.AbstractServer):

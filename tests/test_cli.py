@@ -246,11 +246,3 @@ async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -
         await proc.wait()
         await fake.stop()
 
-
-def test_host_port_brackets_ipv6() -> None:
-    from forward.listeners import host_port, show_address
-
-    assert host_port("127.0.0.1", 8088) == "127.0.0.1:8088"
-    assert host_port("::1", 8088) == "[::1]:8088"
-    assert show_address(("::", 80, 0, 0)) == "[::]:80"
-    assert show_address("/run/forward.sock") == "/run/forward.sock"

@@ -1,0 +1,12 @@
+"""Binding the listeners: the one host:port formatter."""
+
+from __future__ import annotations
+
+from forward.listeners import host_port, show_address
+
+
+def test_host_port_brackets_ipv6() -> None:
+    assert host_port("127.0.0.1", 8088) == "127.0.0.1:8088"
+    assert host_port("::1", 8088) == "[::1]:8088"
+    assert show_address(("::", 80, 0, 0)) == "[::]:80"
+    assert show_address("/run/forward.sock") == "/run/forward.sock"
