@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from . import __version__, configfile, service
 from .app import Server
-from .config import Config, ConfigError, settings
+from .config import Config, ConfigError, kind, settings
 from .dispatch import make_http_handler
 from .logsetup import close_logging, setup_logging
 from .workers import supervise
@@ -47,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = {"help": meta["help"], "dest": f.name, "metavar": meta["metavar"]}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
-        if meta.get("action") == "append":
+        what = kind(f)
+        if what == "list":
             kw["action"] = "append"
-        elif meta.get("action") == "store_true":
+        elif what == "flag":
             # None, not False, so that an absent flag leaves the Config default in place.
             kw.update(action="store_true", default=None)
             del kw["metavar"]
-        elif f.type in ("int", int):
+        elif what == "int":
             kw["type"] = int
-        elif f.type in ("float", float):
+        elif what == "float":
             kw["type"] = float
         parser.add_argument(*meta["flags"], **kw)
     parser.add_argument(
