@@ -5,7 +5,7 @@ so they are tested on their own; `Guard` holds the few counters a running server
 owned by the `Server`. A refusal is a `Refused` carrying its HTTP status or WebSocket close code,
 turned into an answer in one place (app.py).
 
-Semantics follow RStudio Server's, which people already know (seed 004): IP rules are ordered
+Semantics follow RStudio Server's, which people already know: IP rules are ordered
 `allow`/`deny` lines, the first match wins; allowed origins are host names where `*` matches any
 characters, dots included.
 """

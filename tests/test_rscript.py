@@ -1,4 +1,4 @@
-""".R scripts (SPEC section 4): the packing as byte literals, then pages rendered by a real OCAP
+""".R scripts (docs/static.md): the packing as byte literals, then pages rendered by a real OCAP
 Rserve, then what forward does when the R side is missing or talks nonsense (a fake backend)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TLS on both listeners and the client-certificate policy (SPEC sections 1 and 5).
+"""TLS on both listeners and the client-certificate policy (docs/tls.md).
 
 Certificates come from trustme; the clients are aiohttp and `openssl s_client`; sessions go to a
 real Rserve. The policy table uses the counting fake backend because its point is that a refused
