@@ -2,8 +2,8 @@
 
 The request target is parsed and checked once here (static.parse_target), then the decoded path
 decides: `.R` scripts, `.R/` with path info, `/library/` and `/doc/` go to R (rscript.py),
-everything else to the document root (static.py; both in docs/static.md). A `Refusal` raised anywhere below becomes its
-HTTP answer in this one place; the server goes on serving.
+everything else to the document root (static.py; both in docs/static.md). A `Refusal` raised
+anywhere below becomes its HTTP answer in this one place; the server goes on serving.
 """
 
 from __future__ import annotations

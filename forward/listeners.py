@@ -14,6 +14,7 @@ import socket
 import stat
 
 from .config import Config, ConfigError
+from .ulog import host_port
 
 
 def bind_listeners(
@@ -102,11 +103,6 @@ def _bind(host: str | None, port: int, reuse_port: bool = False) -> socket.socke
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
     return socket.create_server(addr[:2], family=family, backlog=1024, reuse_port=reuse_port)
-
-
-def host_port(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 address in brackets (`[::1]:8088`)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def show_address(addr: object) -> str:

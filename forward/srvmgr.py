@@ -14,8 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from .listeners import host_port
-from .ulog import split_host_port
+from .ulog import host_port, split_host_port
 
 log = logging.getLogger(__name__)
 

@@ -82,6 +82,11 @@ def split_host_port(text: str, default: int) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def host_port(host: str, port: int) -> str:
+    """The other way: `host:port`, with an IPv6 address in brackets (`[::1]:8088`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 _SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 
 

@@ -245,4 +245,3 @@ async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -
             proc.terminate()
         await proc.wait()
         await fake.stop()
-

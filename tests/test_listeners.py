@@ -1,8 +1,9 @@
-"""Binding the listeners: the one host:port formatter."""
+"""Binding the listeners: how a bound address is shown (host_port is the one formatter)."""
 
 from __future__ import annotations
 
-from forward.listeners import host_port, show_address
+from forward.listeners import show_address
+from forward.ulog import host_port
 
 
 def test_host_port_brackets_ipv6() -> None:
