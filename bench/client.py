@@ -27,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from wsproto import FrameCounter, check_response, echo_request, handshake
+from wsframes import FrameCounter, check_response, echo_request, handshake
 
 HOST = "127.0.0.1"  # the load never leaves loopback, whatever the relay binds
 

@@ -48,7 +48,7 @@ eval.one <- function(expr, print.visible) {
   res$value
 }
 
-## seed 002's parseEval, evaluating expression by expression: the answer is the value of the last
+## parseEval as in Rserve's OCAP example, evaluating expression by expression: the answer is the value of the last
 ## one; an error (also a syntax error) is returned as the condition object, for the page to show.
 parseEval <- function(s) {
   tryCatch({

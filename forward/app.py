@@ -1,4 +1,4 @@
-"""Wiring: the aiohttp applications, their listeners, and the ordered start and shutdown.
+"""Wiring: the aiohttp applications on their listeners (listeners.py), ordered start and shutdown.
 
 `-p` gets the HTTP application (a WebSocket upgrade on any path becomes a session, anything else
 is an HTTP request), `-w` the WebSocket-only one. Both share one `Sessions` set owned by the
@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import resource
 import socket
 import ssl
-import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -23,6 +21,7 @@ from typing import Any, cast
 from aiohttp import hdrs, web
 
 from . import accesslog, health, tls, wsconn
+from .aiohttp_private import WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
     Authority,
@@ -35,6 +34,7 @@ from .guard import (
     parse_ip_rules,
     parse_networks,
 )
+from .listeners import bind_listeners, show_address
 from .relay import RelaySettings, Session
 from .stats import Stats
 
@@ -180,15 +180,14 @@ async def ip_rules(request: web.Request, handler: Handler) -> web.StreamResponse
     return await handler(request)
 
 
-class GuardedRunner(web.AppRunner):
+class GuardedRunner(WrappingRunner):
     """An AppRunner whose connections must send a complete request header in time."""
 
     def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
+    def wrap_server(self, server: web.Server) -> web.Server:
         return cast(web.Server, HeaderDeadline(server, self._header_timeout))
 
 
@@ -393,7 +392,7 @@ class Server:
             raise
         for name, runner in self.runners.items():
             for addr in runner.addresses:
-                log.info("listening on %s (%s)", _show(addr), name)
+                log.info("listening on %s (%s)", show_address(addr), name)
 
     def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
         source = self.ssl_context
@@ -478,97 +477,3 @@ def session_capacity(max_sessions: int) -> int:
         )
         return fit
     return max_sessions
-
-
-def bind_listeners(
-    config: Config, *, reuse_port: bool = False, tcp_only: bool = False
-) -> dict[str, list[socket.socket]]:
-    """Bind the configured ports; each failure becomes one clear ConfigError. --workers binds
-    the TCP ports once per worker with SO_REUSEPORT (`tcp_only` for all but the first), so that
-    the kernel spreads connections over the workers."""
-    plan = [
-        ("http", "-p", config.http_port),
-        ("ws", "-w", config.ws_port),
-        ("redirect", "--redirect-port", config.redirect_port),
-    ]
-    out: dict[str, list[socket.socket]] = {}
-    try:
-        for name, flag, port in plan:
-            if port <= 0:
-                continue
-            for host in config.hosts or (None,):
-                try:
-                    out.setdefault(name, []).append(_bind(host, port, reuse_port))
-                except OSError as exc:
-                    where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
-                    why = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise ConfigError(f"cannot listen on {where} ({flag}): {why}") from exc
-        if config.listen_unix and not tcp_only:
-            try:
-                out.setdefault("http", []).append(bind_unix(config.listen_unix))
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {config.listen_unix} (--listen-unix): {exc.strerror or exc}"
-                ) from exc
-        if config.admin_port > 0 and not tcp_only:
-            try:
-                out["admin"] = [_bind(config.admin_bind, config.admin_port)]
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {config.admin_bind}:{config.admin_port} (--admin-port): "
-                    f"{exc.strerror or exc}"
-                ) from exc
-    except BaseException:
-        for socks in out.values():
-            for sock in socks:
-                sock.close()
-        raise
-    return out
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at `path`, replacing a stale socket file (never a regular file)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        # Group-writable: nginx or a sidecar in the socket's group connects; others do not.
-        os.chmod(path, 0o660)
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def unlink_unix(config: Config) -> None:
-    if config.listen_unix:
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.stat(config.listen_unix).st_mode):
-                os.unlink(config.listen_unix)
-
-
-def _bind(host: str | None, port: int, reuse_port: bool = False) -> socket.socket:
-    if host is None:
-        # All interfaces, IPv6 and IPv4 on one socket where the system has IPv6.
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(
-                ("", port),
-                family=socket.AF_INET6,
-                dualstack_ipv6=True,
-                backlog=1024,
-                reuse_port=reuse_port,
-            )
-        return socket.create_server(("", port), backlog=1024, reuse_port=reuse_port)
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    return socket.create_server(addr[:2], family=family, backlog=1024, reuse_port=reuse_port)
-
-
-def _show(addr: object) -> str:
-    if isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)

@@ -8,26 +8,19 @@ status before anything is served.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
-import logging
-import os
 import resource
-import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__, configfile, daemon, tls, ulog
-from .app import Server, unlink_unix
-from .config import Config, ConfigError, settings
+from . import __version__, configfile, service
+from .app import Server
+from .config import Config, ConfigError, kind, settings
 from .dispatch import make_http_handler
-from .srvmgr import ServerManager
-from .stats import Stats
-
-log = logging.getLogger("forward")
+from .logsetup import close_logging, setup_logging
+from .workers import supervise
 
 USAGE = (
     "forward [-h] [-p <http-port>] [-w <ws-port>] [-s <QAP-socket>] [-R <Rscript-socket>] "
@@ -54,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = {"help": meta["help"], "dest": f.name, "metavar": meta["metavar"]}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
-        if meta.get("action") == "append":
+        what = kind(f)
+        if what == "list":
             kw["action"] = "append"
-        elif meta.get("action") == "store_true":
+        elif what == "flag":
             # None, not False, so that an absent flag leaves the Config default in place.
             kw.update(action="store_true", default=None)
             del kw["metavar"]
-        elif f.type in ("int", int):
+        elif what == "int":
             kw["type"] = int
-        elif f.type in ("float", float):
+        elif what == "float":
             kw["type"] = float
         parser.add_argument(*meta["flags"], **kw)
     parser.add_argument(
@@ -92,123 +86,6 @@ def _parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         if value is not None:
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return Config(**values).validate(), ns
-
-
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
-    # -u: the same records, also as syslog lines (see ulog.py); never blocks the event loop.
-    syslog = ulog.handler_for(config.ulog, str(Config().ulog))
-    if syslog is not None:
-        root.addHandler(syslog)
-
-
-def close_logging() -> None:
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        if isinstance(handler, ulog.ULogHandler):
-            handler.flush()
-            root.removeHandler(handler)
-            handler.close()
-
-
-async def serve(
-    config: Config,
-    ready: asyncio.Event | None = None,
-    *,
-    listeners: dict[str, list[socket.socket]] | None = None,
-    stats: Stats | None = None,
-    row: int = 0,
-    manage: bool = True,
-) -> None:
-    """Run one forward process until SIGTERM/SIGINT. A --workers child passes the listeners and
-    counters its parent made and `manage=False`: the parent does -S, the PID file and systemd."""
-    # Key, certificate and CA are loaded before anything is bound; a failure ends the process.
-    contexts = tls.Contexts(config) if config.tls else None
-    server = Server(
-        config,
-        ssl_context=contexts,
-        http_handler=make_http_handler(config),
-        stats=stats or Stats(),
-        row=row,
-    )
-    pid_file = daemon.PidFile(config.pid_file if manage else None)
-    try:
-        pid_file.write()
-    except OSError as exc:
-        raise ConfigError(f"cannot write --pid-file {config.pid_file}: {exc.strerror}") from None
-    manager = ServerManager.from_config(config.server_manager) if manage else None
-    try:
-        await server.start(listeners)
-    except BaseException:
-        if manage:
-            unlink_unix(config)
-        pid_file.remove()
-        raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if contexts is not None:
-        loop.add_signal_handler(signal.SIGHUP, contexts.reload)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "forward %s: relaying WebSocket sessions to %s (heartbeat %ss)",
-        __version__,
-        config.socket,
-        config.heartbeat,
-    )
-    if manager is not None:
-        manager.start_add()
-    if manage:
-        daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
-    if ready is not None:
-        ready.set()
-    deleted = False
-    try:
-        await stop.wait()
-        log.info("shutting down")
-        if manage:
-            daemon.notify("STOPPING=1")
-        if manager is not None:  # first, so that the manager stops sending sessions here
-            await manager.delete()
-            deleted = True
-        await _drain(server, config.drain_timeout, stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        try:
-            await server.stop()
-        finally:
-            if manager is not None and not deleted:
-                await manager.delete()
-            if manage:
-                unlink_unix(config)
-            pid_file.remove()
-
-
-async def _drain(server: Server, grace: float, stop: asyncio.Event) -> None:
-    """Server.drain, cut short by a second SIGTERM/SIGINT."""
-    stop.clear()
-    drain = asyncio.ensure_future(server.drain(grace))
-    again = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
-    if not drain.done():
-        log.info("second signal: closing open sessions now")
-    for task in (drain, again):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def _loop_factory() -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported system
-        return None
-    return uvloop.new_event_loop
 
 
 def raise_file_limit() -> None:
@@ -244,12 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit()
     try:
         if config.workers > 1:
-            from .workers import supervise
-
             check_files(config)  # in the parent, so that a bad -r fails once, not per worker
             return supervise(config)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(config))
+        service.run(service.serve(config))
     except ConfigError as exc:
         print(f"forward: {exc}", file=sys.stderr)
         return 1

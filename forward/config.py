@@ -1,9 +1,11 @@
 """forward's settings: one frozen `Config`, each setting declared once.
 
 A setting is a dataclass field whose metadata names its command-line flags (the C program's short
-flag first, so existing command lines keep working) and its help text; `cli.py` derives the parser
-from these fields. `Config.validate` turns a bad combination into a `ConfigError` with one
-human sentence, before anything is bound or served.
+flag first, so existing command lines keep working), its help text, and the values it allows
+(`choices`, `min`, `max`, with the sentence to say when they are not met); `kind` tells the
+command line (cli.py) and the configuration file (configfile.py) what the setting holds.
+`Config.validate` checks those declarations and the combinations of settings, turning any
+problem into a `ConfigError` with one human sentence, before anything is bound or served.
 """
 
 from __future__ import annotations
@@ -78,7 +80,6 @@ class Config:
         (),
         "--tls-client",
         metavar="POLICY",
-        action="append",
         help="client certificates, as Rserve's tls.client: none (default), request, require, "
         "match:NAME[,NAME...], prefix:TEXT, suffix:TEXT; repeatable, name rules are or-ed "
         "and imply require; anything but none needs -C",
@@ -102,6 +103,8 @@ class Config:
         metavar="SECONDS",
         help="with TLS, send Strict-Transport-Security: max-age=SECONDS (default 0: not sent; "
         "86400 is a careful start)",
+        min=0,
+        rule="{flag} must be 0 (off) or a number of seconds",
     )
     redirect_port: int = _opt(
         0,
@@ -130,7 +133,6 @@ class Config:
         "-b",
         "--bind",
         metavar="ADDR",
-        action="append",
         help="address to listen on, IPv4 or IPv6; repeatable (default: all interfaces; "
         "127.0.0.1 behind a local nginx)",
     )
@@ -140,6 +142,8 @@ class Config:
         metavar="SECONDS",
         help="interval of the OOB 'idle' message sent on quiet sessions so that proxies keep "
         "them; 0 disables it (default 600, as the C forward)",
+        min=0,
+        rule="{flag} must be 0 (off) or a positive number of seconds",
     )
     max_message_size: int = _opt(
         256 * 1024 * 1024,
@@ -147,6 +151,8 @@ class Config:
         metavar="BYTES",
         help="largest QAP message a browser may send to R, and largest answer R may give to a "
         ".R request (default 256 MiB; 0: no limit)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a number of bytes",
     )
     max_result_size: int = _opt(
         0,
@@ -154,12 +160,13 @@ class Config:
         metavar="BYTES",
         help="largest QAP message R may send to a browser; a larger one closes the session "
         "with 1009 (default 0: no limit; results are streamed, not held in memory)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a positive number",
     )
     allow_origin: tuple[str, ...] = _opt(
         (),
         "--allow-origin",
         metavar="ORIGIN",
-        action="append",
         help="a browser Origin allowed to open sessions besides this server's own site: a "
         "host name where * matches anything (*.example.com), a full https://host[:port], or * "
         "for any; repeatable (default: pages from the host the browser addressed, on that port "
@@ -178,12 +185,16 @@ class Config:
         metavar="N",
         help="open WebSocket sessions in total; more are closed with 1013 (default 10000; 0: "
         "no limit)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a positive number",
     )
     max_sessions_per_client: int = _opt(
         256,
         "--max-sessions-per-client",
         metavar="N",
         help="open sessions per client address (default 256; 0: no limit)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a positive number",
     )
     header_timeout: float = _opt(
         10.0,
@@ -191,12 +202,16 @@ class Config:
         metavar="SECONDS",
         help="a new connection must complete its TLS handshake and first request header "
         "within this time (slowloris; default 10)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     keepalive_timeout: float = _opt(
         75.0,
         "--keepalive-timeout",
         metavar="SECONDS",
         help="idle time before an HTTP keep-alive connection is closed (default 75)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     ws_ping: float = _opt(
         30.0,
@@ -204,6 +219,8 @@ class Config:
         metavar="SECONDS",
         help="WebSocket ping interval; a peer that does not answer within half of it is "
         "dropped (default 30, under the 60 s idle timeout of common proxies; 0: off)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     idle_timeout: float = _opt(
         0.0,
@@ -211,36 +228,42 @@ class Config:
         metavar="SECONDS",
         help="close a session after this long without a message either way; heartbeats do "
         "not count (default 0: off)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     max_lifetime: float = _opt(
         0.0,
         "--max-lifetime",
         metavar="SECONDS",
         help="close any session this long after it opened (default 0: off)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     backend_timeout: float = _opt(
         10.0,
         "--backend-timeout",
         metavar="SECONDS",
         help="how long to wait for the Rserve socket to accept a session (default 10)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     shutdown_timeout: float = _opt(
         10.0,
         "--shutdown-timeout",
         metavar="SECONDS",
         help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
+        min=0,
+        rule="{flag} must not be negative",
     )
     follow_symlinks: bool = _opt(
         False,
         "--follow-symlinks",
-        action="store_true",
         help="serve files through symbolic links that lead out of the document root "
         "(default: refused with 403; links that stay inside are always followed)",
     )
     serve_dotfiles: bool = _opt(
         False,
         "--serve-dotfiles",
-        action="store_true",
         help="serve files and directories whose name starts with a dot (.git, .env); by "
         "default they are answered as missing, except .well-known",
     )
@@ -250,12 +273,13 @@ class Config:
         metavar="BYTES",
         help="largest request body passed to a .R script; larger ones get 413 "
         "(default 64 MiB; 0: no limit)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a number of bytes",
     )
     trusted_proxy: tuple[str, ...] = _opt(
         (),
         "--trusted-proxy",
         metavar="ADDR[/BITS]",
-        action="append",
         help="a proxy (address or network) whose X-Forwarded-For and X-Real-IP headers are "
         "believed; repeatable (default: none, such headers from clients are replaced)",
     )
@@ -265,6 +289,8 @@ class Config:
         metavar="SECONDS",
         help="at SIGTERM/SIGINT, stop accepting and let open sessions finish for up to this "
         "long before they are closed with the shutdown notice (default 0: close at once)",
+        min=0,
+        rule="{flag} must be 0 (off) or a number of seconds",
     )
     listen_unix: str | None = _opt(
         None,
@@ -278,6 +304,9 @@ class Config:
         "--admin-port",
         metavar="PORT",
         help="port of the admin listener with /healthz, /livez and /metrics (default: off)",
+        min=0,
+        max=65535,
+        rule="{flag} {value}: 0 (off) or a port up to 65535",
     )
     admin_bind: str = _opt(
         "127.0.0.1",
@@ -291,6 +320,9 @@ class Config:
         metavar="N",
         help="worker processes sharing the listeners, supervised and restarted by the parent "
         "(default 1: no parent)",
+        min=1,
+        max=256,
+        rule="{flag} {value}: between 1 and 256",
     )
     pid_file: str | None = _opt(
         None, "--pid-file", metavar="FILE", help="write the (parent's) process id to FILE"
@@ -313,6 +345,9 @@ class Config:
         return self.bind or None
 
     def validate(self) -> Config:
+        """This Config if every setting can work, else a `ConfigError` naming the flag."""
+        for f in settings():
+            _check_declared(f, getattr(self, f.name))
         for name in ("http_port", "ws_port"):
             port = getattr(self, name)
             if port > 65535:
@@ -336,20 +371,12 @@ class Config:
             ):
                 if value:
                     raise ConfigError(f"{name} needs TLS: add -k <key> -c <cert>")
-        if self.hsts < 0:
-            raise ConfigError("--hsts must be 0 (off) or a number of seconds")
         if self.redirect_port > 0 and self.http_port <= 0:
             raise ConfigError("--redirect-port redirects to the -p port: -p must be enabled")
         if self.redirect_port > 65535 or (
             self.redirect_port > 0 and self.redirect_port in (self.http_port, self.ws_port)
         ):
             raise ConfigError(f"--redirect-port {self.redirect_port}: give a free port (1-65535)")
-        if self.heartbeat < 0:
-            raise ConfigError("--heartbeat must be 0 (off) or a positive number of seconds")
-        if self.max_message_size < 0:
-            raise ConfigError("--max-message-size must be 0 (no limit) or a number of bytes")
-        if self.max_body_size < 0:
-            raise ConfigError("--max-body-size must be 0 (no limit) or a number of bytes")
         for proxy in self.trusted_proxy:
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -357,22 +384,6 @@ class Config:
                 raise ConfigError(
                     f"--trusted-proxy {proxy}: not an IP address or network"
                 ) from None
-        for name in ("max_result_size", "max_sessions", "max_sessions_per_client"):
-            if getattr(self, name) < 0:
-                flag = _field(name).metadata["flags"][0]
-                raise ConfigError(f"{flag} must be 0 (no limit) or a positive number")
-        for name in (
-            "header_timeout",
-            "keepalive_timeout",
-            "ws_ping",
-            "idle_timeout",
-            "max_lifetime",
-            "backend_timeout",
-            "shutdown_timeout",
-        ):
-            if getattr(self, name) < 0:
-                flag = _field(name).metadata["flags"][0]
-                raise ConfigError(f"{flag} must not be negative")
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         self._validate_ops()
@@ -390,14 +401,41 @@ class Config:
                 parse_manager(self.server_manager)
         except (ULogError, ServerManagerError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
-        if not 0 <= self.admin_port <= 65535:
-            raise ConfigError(f"--admin-port {self.admin_port}: 0 (off) or a port up to 65535")
         if self.admin_port and self.admin_port in (self.http_port, self.ws_port):
             raise ConfigError(f"--admin-port {self.admin_port} is already used by -p or -w")
-        if self.drain_timeout < 0:
-            raise ConfigError("--drain-timeout must be 0 (off) or a number of seconds")
-        if not 1 <= self.workers <= 256:
-            raise ConfigError(f"--workers {self.workers}: between 1 and 256")
+
+
+def _check_declared(f: dataclasses.Field[Any], value: Any) -> None:
+    """The rules a field declares for itself: `choices`, `min`, `max` (with its `rule` text)."""
+    meta = f.metadata
+    flag = meta["flags"][0]
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{flag} {value}: must be one of {', '.join(choices)}")
+    low, high = meta.get("min"), meta.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else f"at least {low}"
+            if low is not None
+            else f"at most {high}"
+        )
+        rule = meta.get("rule", "{flag} {value}: must be {bounds}")
+        raise ConfigError(rule.format(flag=flag, value=value, bounds=bounds))
+
+
+def kind(f: dataclasses.Field[Any]) -> str:
+    """What a setting holds, for the command line and the configuration file alike: "list"
+    (repeatable), "flag" (on/off), "int", "float" or "str"."""
+    t = str(f.type)
+    if t.startswith("tuple"):
+        return "list"
+    if t == "bool":
+        return "flag"
+    if t in ("int", "float"):
+        return t
+    return "str"
 
 
 def _field(name: str) -> dataclasses.Field[Any]:

@@ -13,7 +13,7 @@ import dataclasses
 import tomllib
 from typing import Any
 
-from .config import ConfigError, settings
+from .config import ConfigError, kind, settings
 
 
 def _key_names() -> dict[str, dataclasses.Field[Any]]:
@@ -27,22 +27,22 @@ def _key_names() -> dict[str, dataclasses.Field[Any]]:
 
 
 def _convert(path: str, key: str, field: dataclasses.Field[Any], value: Any) -> Any:
-    kind = str(field.type)
+    what = kind(field)
     where = f"{path}: {key}"
-    if kind.startswith("tuple"):
+    if what == "list":
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{where}: expected a string or a list of strings")
         return tuple(items)
-    if kind == "bool":
+    if what == "flag":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false")
         return value
-    if kind == "int":
+    if what == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer")
         return value
-    if kind == "float":
+    if what == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number")
         return float(value)

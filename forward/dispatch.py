@@ -1,9 +1,9 @@
 """Which handler answers a plain HTTP request on the `-p` port: R scripts or the document root.
 
 The request target is parsed and checked once here (static.parse_target), then the decoded path
-decides: `.R` scripts, `.R/` with path info, `/library/` and `/doc/` go to R (SPEC section 4),
-everything else to the document root (section 3). A `Refusal` raised anywhere below becomes its
-HTTP answer in this one place; the server goes on serving.
+decides: `.R` scripts, `.R/` with path info, `/library/` and `/doc/` go to R (rscript.py),
+everything else to the document root (static.py; both in docs/static.md). A `Refusal` raised
+anywhere below becomes its HTTP answer in this one place; the server goes on serving.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ so they are tested on their own; `Guard` holds the few counters a running server
 owned by the `Server`. A refusal is a `Refused` carrying its HTTP status or WebSocket close code,
 turned into an answer in one place (app.py).
 
-Semantics follow RStudio Server's, which people already know (seed 004): IP rules are ordered
+Semantics follow RStudio Server's, which people already know: IP rules are ordered
 `allow`/`deny` lines, the first match wins; allowed origins are host names where `*` matches any
 characters, dots included.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .aiohttp_private import requests_started
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class IpRule:
     def matches(self, addr: Address) -> bool:
         if self.network is None:
             return True
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+        addr = unmapped(addr)
         return addr.version == self.network.version and addr in self.network
 
 
@@ -80,9 +80,8 @@ def ip_allowed(rules: Sequence[IpRule], address: str) -> bool:
     """First matching rule decides; an address no rule matches is allowed (RStudio's rule)."""
     if not rules:
         return True
-    try:
-        addr = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    addr = ip_of(address)
+    if addr is None:
         return False  # a peer that is not an IP address cannot match any allow rule
     for rule in rules:
         if rule.matches(addr):
@@ -131,13 +130,75 @@ def _valid(address: str) -> bool:
 
 
 def _in(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        addr = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
+    addr = ip_of(address)
+    return addr is not None and any(addr.version == n.version and addr in n for n in networks)
+
+
+def unmapped(addr: Address) -> Address:
+    """The IPv4 address behind an IPv4-mapped one: a dual-stack listener shows IPv4 peers as
+    ::ffff:a.b.c.d, and rules and proxies are written with the IPv4 address."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a dual-stack listener shows IPv4 peers as ::ffff:a.b.c.d
-    return any(addr.version == n.version and addr in n for n in networks)
+        return addr.ipv4_mapped
+    return addr
+
+
+def ip_of(text: str) -> Address | None:
+    """The address in `text` (a peer, a header entry; an IPv6 zone such as %eth0 is kept),
+    unmapped; None when it is not an IP address."""
+    try:
+        return unmapped(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return None
+
+
+def _without_port(text: str) -> str:
+    """`[v6]:port` -> `v6`, `v4:port` -> `v4`; anything else as it is."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        return text[1 : text.index("]")]
+    if text.count(":") == 1:
+        return text.split(":", 1)[0]
+    return text
+
+
+def _show_ip(text: str) -> str:
+    ip = ip_of(_without_port(text))
+    return str(ip) if ip is not None else text
+
+
+def client_identity(
+    peer: str | None,
+    forwarded_for: str | None,
+    real_ip: str | None,
+    trusted: Sequence[Network],
+    subject: str | None = None,
+    common_name: str | None = None,
+) -> list[tuple[str, str]]:
+    """The header lines forward adds for R (`.R` scripts): who is calling.
+
+    A peer that is not a trusted proxy is the client: its address is X-Real-IP and the whole of
+    X-Forwarded-For, whatever it sent. A trusted proxy's X-Forwarded-For is kept and the proxy's
+    own address appended; X-Real-IP is then the nearest address in that chain that is not a
+    trusted proxy (`client_address`), or, when the proxy sent no chain, its own X-Real-IP
+    (nginx: `proxy_set_header X-Real-IP $remote_addr;`, Rserve's example).
+    """
+    peer = _show_ip(peer) if peer else "unknown"
+    out: list[tuple[str, str]] = []
+    if trusted and _in(_without_port(peer), trusted):
+        chain = [a.strip() for a in (forwarded_for or "").split(",") if a.strip()]
+        client = client_address(peer, forwarded_for, trusted) if chain else peer
+        if client == peer and not chain and real_ip and ip_of(_without_port(real_ip)):
+            client = real_ip.strip()
+        out.append(("X-Real-IP", client))
+        out.append(("X-Forwarded-For", ", ".join([*chain, peer])))
+    else:
+        out.append(("X-Real-IP", peer))
+        out.append(("X-Forwarded-For", peer))
+    if subject is not None:
+        out.append(("X-SSL-Client-S-DN", subject))
+    if common_name is not None:
+        out.append(("X-SSL-Client-CN", common_name))
+    return out
 
 
 # -- Origin --
@@ -400,7 +461,7 @@ class HeaderDeadline:
 
     def _expire(self, handler: Any, rechecks: int = RECHECKS) -> None:
         # aiohttp counts a request once its header is complete.
-        if handler._request_count > 0:
+        if requests_started(handler) > 0:
             return
         if handler.transport is None:  # not connected yet: the TLS handshake is still running
             if rechecks > 0:

@@ -23,12 +23,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .qap import HEADER_SIZE, QAPError, classify_greeting
 from .stats import Slot, Stat, Stats
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 2.0
-GREETINGS = (b"Rsrv", b"RsOC")
 
 ADMIN: web.AppKey[Admin] = web.AppKey("admin")
 
@@ -108,7 +108,7 @@ async def probe(path: str, limit: float = PROBE_TIMEOUT) -> str | None:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_unix_connection(path)
             try:
-                head = await reader.readexactly(4)
+                head = await reader.readexactly(HEADER_SIZE)
             finally:
                 writer.close()
     except TimeoutError:
@@ -117,8 +117,10 @@ async def probe(path: str, limit: float = PROBE_TIMEOUT) -> str | None:
         return f"{path} closed the connection without a greeting"
     except OSError as exc:
         return f"cannot connect to {path}: {exc.strerror or exc}"
-    if head not in GREETINGS:
-        return f"{path} did not answer with an Rserve greeting"
+    try:
+        classify_greeting(head)  # what a session would make of it
+    except QAPError as exc:
+        return f"{path} did not answer with an Rserve greeting ({exc.reason})"
     return None
 
 

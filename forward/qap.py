@@ -156,6 +156,23 @@ def is_response(cmd: int) -> bool:
     return bool(cmd & CMD_RESP)
 
 
+def is_oob(cmd: int) -> bool:
+    """An out-of-band message from R: OOB_SEND or OOB_MSG, whose low 12 bits are the
+    application's own code (Rsrv.h: CMD_OOB)."""
+    return cmd & 0xFFFF0000 == CMD_OOB
+
+
+def is_oob_send(cmd: int) -> bool:
+    """An OOB_SEND: R tells the client something and expects no answer."""
+    return cmd & 0xFFFFF000 == Cmd.OOB_SEND
+
+
+def error_code(cmd: int) -> int | None:
+    """The Rserve error code of a RESP_ERR response (in the top byte, Rsrv.h: CMD_STAT; 0 when
+    R gave none), or None when `cmd` is not an error response."""
+    return cmd >> 24 if cmd & 0xFFFFFF == Cmd.RESP_ERR else None
+
+
 def conn_broken(msg_id: int) -> bytes:
     """The answer to a request that can no longer reach R (forward.c: SET_STAT(RESP_ERR, ...))."""
     return Header(Cmd.RESP_ERR | (ERR_CONN_BROKEN << 24), 0, msg_id).encode()

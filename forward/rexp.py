@@ -25,7 +25,11 @@ _NA_STRING = b"\xff"
 
 
 class RexpError(ValueError):
-    """Bytes that are not a well-formed R value."""
+    """Bytes that are not a well-formed R value: every way `params` and `decode` can fail."""
+
+
+# Deeper nesting than this is not an R value forward has a use for, and would exhaust the stack.
+MAX_DEPTH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +124,23 @@ def _read_head(view: memoryview, pos: int, large_flag: int) -> tuple[int, int, i
 
 
 def decode(data: bytes | memoryview) -> RObj:
+    """One R value; anything malformed raises `RexpError`, never another exception."""
     view = memoryview(data)
-    obj, end = _decode(view, 0)
+    try:
+        obj, end = _decode(view, 0, 0)
+    except RexpError:
+        raise
+    except (struct.error, ValueError, IndexError, TypeError, AttributeError) as exc:
+        # A length that does not fit its type (struct), attributes that are no pairlist...
+        raise RexpError(f"malformed R value: {exc}") from None
     if end != len(view):
         raise RexpError(f"{len(view) - end} stray bytes after the value")
     return obj
 
 
-def _decode(view: memoryview, pos: int) -> tuple[RObj, int]:
+def _decode(view: memoryview, pos: int, depth: int) -> tuple[RObj, int]:
+    if depth > MAX_DEPTH:
+        raise RexpError(f"values nested more than {MAX_DEPTH} deep")
     kind, length, pos = _read_head(view, pos, Xt.LARGE)
     end = pos + length
     if end > len(view):
@@ -135,10 +148,10 @@ def _decode(view: memoryview, pos: int) -> tuple[RObj, int]:
     attrs = None
     if kind & Xt.HAS_ATTR:
         kind &= ~Xt.HAS_ATTR
-        attr_obj, pos = _decode(view, pos)
+        attr_obj, pos = _decode(view, pos, depth + 1)
         attrs = _pairs(attr_obj)
     body = view[pos:end]
-    return RObj(kind, _body(kind, body), attrs), end
+    return RObj(kind, _body(kind, body, depth), attrs), end
 
 
 def _pairs(obj: RObj) -> dict[str, RObj]:
@@ -147,7 +160,7 @@ def _pairs(obj: RObj) -> dict[str, RObj]:
     return {str(tag.value): value for value, tag in obj.value}
 
 
-def _body(kind: int, body: memoryview) -> Any:
+def _body(kind: int, body: memoryview, depth: int) -> Any:
     n = len(body)
     if kind == Xt.NULL:
         return None
@@ -176,14 +189,14 @@ def _body(kind: int, body: memoryview) -> Any:
     if kind in (Xt.VECTOR, Xt.VECTOR_EXP, Xt.LIST_NOTAG, Xt.LANG_NOTAG):
         items, pos = [], 0
         while pos < n:
-            item, pos = _decode(body, pos)
+            item, pos = _decode(body, pos, depth + 1)
             items.append(item)
         return items
     if kind in (Xt.LIST_TAG, Xt.LANG_TAG):
         pairs, pos = [], 0
         while pos < n:
-            value, pos = _decode(body, pos)
-            tag, pos = _decode(body, pos)
+            value, pos = _decode(body, pos, depth + 1)
+            tag, pos = _decode(body, pos, depth + 1)
             pairs.append((value, tag))
         return pairs
     return bytes(body)  # closures, S4, complex...: kept opaque

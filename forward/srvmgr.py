@@ -14,7 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from .ulog import split_host_port
+from .ulog import host_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ServerManager:
 
     @property
     def where(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def start_add(self) -> None:
         """Send ADD in the background, retrying with backoff until it gets through."""

@@ -29,6 +29,8 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
+from .aiohttp_private import ChosenFileResponse
+
 log = logging.getLogger(__name__)
 
 
@@ -271,11 +273,12 @@ def sibling(
     return path, st, None
 
 
-class StaticFile(web.FileResponse):
+class StaticFile(ChosenFileResponse):
     """aiohttp's FileResponse for a file this module has already resolved and stat'ed.
 
-    The one hook overridden is FileResponse's choice of file and encoding, so that the resolved
-    path (and the sibling chosen here) is what gets opened, and no second search happens.
+    Two steps are replaced (see aiohttp_private.ChosenFileResponse): the choice of file and
+    encoding, so that the resolved path (and the sibling chosen here) is what gets opened and no
+    second search happens, and the send of a small file without `sendfile`.
     """
 
     def __init__(
@@ -284,19 +287,17 @@ class StaticFile(web.FileResponse):
         super().__init__(path, headers=headers)
         self._resolved = (Path(path), st, encoding)
 
-    def _get_file_path_stat_encoding(
-        self, accept_encoding: str
-    ) -> tuple[Path | None, os.stat_result, str | None]:
+    def choose_file(self, accept_encoding: str) -> tuple[Path | None, os.stat_result, str | None]:
         return self._resolved
 
-    async def _sendfile_fallback(
+    async def send_fallback(
         self, writer: AbstractStreamWriter, fobj: IO[Any], offset: int, count: int
     ) -> AbstractStreamWriter:
         # uvloop has no loop.sendfile, so every file takes this path, which reads each chunk in
         # a worker thread. A small file is one read from the page cache: doing it here saves a
         # thread round trip per request (the static path's main cost).
         if count > SMALL_FILE:
-            return await super()._sendfile_fallback(writer, fobj, offset, count)
+            return await super().send_fallback(writer, fobj, offset, count)
         fobj.seek(offset)
         await writer.write(fobj.read(count))
         await writer.drain()

@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .aiohttp_private import AcceptingSite
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,40 @@ def subject_text(cert: PeerCert | None) -> str:
         return "no certificate"
     parts = [f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn]
     return ",".join(parts) or "empty subject"
+
+
+_SHORT = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "emailAddress": "emailAddress",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _dn_escape(value: str) -> str:
+    out = re.sub(r'([,+"\\<>;=])', r"\\\1", value)
+    if out.startswith((" ", "#")):
+        out = "\\" + out
+    if out.endswith(" "):
+        out = out[:-1] + "\\ "
+    return "".join(c if c.isprintable() else f"\\{ord(c):02x}" for c in out)
+
+
+def certificate_subject(peercert: object) -> tuple[str | None, str | None]:
+    """(RFC 4514 subject, common name) of a verified peer certificate as `getpeercert()` gives
+    it; (None, None) when there is none (not asked for, not sent, or not verified)."""
+    if not isinstance(peercert, dict) or not peercert.get("subject"):
+        return None, None
+    rdns = [
+        "+".join(f"{_SHORT.get(key, key)}={_dn_escape(str(value))}" for key, value in rdn)
+        for rdn in peercert["subject"]
+    ]
+    return ",".join(reversed(rdns)), common_name(peercert)
 
 
 def refusal(policy: ClientPolicy, cert: PeerCert | None) -> str | None:
@@ -311,7 +347,7 @@ ContextSource = Callable[[], ssl.SSLContext]
 ACCEPT_RETRY_DELAY = 1.0  # as asyncio's own servers, after EMFILE and the like
 
 
-class TLSSite(web.SockSite):
+class TLSSite(AcceptingSite):
     """A SockSite that hands each accepted connection the TLS context of the moment.
 
     asyncio's `create_server(ssl=...)` fixes the context for the listener's life and drops
@@ -327,11 +363,10 @@ class TLSSite(web.SockSite):
         self._contexts = contexts
         self._listener = listener
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        factory = self._runner.server
-        assert factory is not None
-        self._server = _Acceptor(self._sock, factory, self._contexts, self._listener)
+    def accept(
+        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.AbstractServer:
+        return _Acceptor(sock, factory, self._contexts, self._listener)
 
 
 class _Acceptor(asyncio.AbstractServer):

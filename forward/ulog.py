@@ -1,7 +1,8 @@
 """`-u`: log lines as RFC 5424 syslog messages to a unix datagram socket, UDP or TCP.
 
 The rule it keeps: logging never stops or slows the server. Records are formatted in the caller
-(cheap) and put on a bounded queue; one daemon thread sends them. A missing socket, a full
+(cheap) and put on a bounded queue (the standard library's `QueueHandler`); one
+`QueueListener` thread sends them. A missing socket, a full
 collector or an unreachable host costs a dropped line, counted, and a note on stderr when the
 state changes (never once per line). Lines look like the C forward's:
 `<30>1 2026-11-23T02:36:09.123456+00:00 HOST forward PID - - text` (daemon facility; the severity
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
 import queue
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,6 +80,11 @@ def split_host_port(text: str, default: int) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ULogError(f"{text}: the port must be a number between 1 and 65535")
     return host, int(port_text)
+
+
+def host_port(host: str, port: int) -> str:
+    """The other way: `host:port`, with an IPv6 address in brackets (`[::1]:8088`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
@@ -174,24 +180,48 @@ def _stderr(text: str) -> None:
         print(f"forward: {text}", file=sys.stderr, flush=True)
 
 
-class ULogHandler(logging.Handler):
-    """A logging handler that hands formatted lines to the sending thread."""
+class _Sending(logging.Handler):
+    """The handler the queue listener's thread calls: hands each line to the `_Sender`."""
+
+    def __init__(self, sender: _Sender) -> None:
+        super().__init__()
+        self.sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.msg
+        assert isinstance(line, bytes)  # made by ULogHandler.prepare
+        self.sender.send(line)
+
+
+class _Listener(logging.handlers.QueueListener):
+    def __init__(self, lines: queue.Queue[logging.LogRecord | None], handler: _Sending) -> None:
+        super().__init__(lines, handler)
+        self.lines = lines
+
+    def enqueue_sentinel(self) -> None:
+        # A full queue must not make stopping fail (QueueListener uses put_nowait).
+        with contextlib.suppress(queue.Full):
+            self.lines.put(None, timeout=SEND_TIMEOUT * 2)
+
+
+class ULogHandler(logging.handlers.QueueHandler):
+    """Formats each record as a syslog line in the thread that logs and puts it on a bounded
+    queue; the standard library's `QueueListener` thread sends it. A full queue drops the line."""
+
+    queue: queue.Queue[logging.LogRecord | None]
 
     def __init__(self, target: Target, *, quiet_when_missing: bool = False) -> None:
-        super().__init__()
+        super().__init__(queue.Queue(QUEUE_SIZE))
         self.target = target
         self.host = socket.gethostname().split(".")[0] or "-"
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._size = 0  # approximate: SimpleQueue has no bound of its own
-        self._lock_size = threading.Lock()
         self._sender = _Sender(target)
-        self._skipped = 0  # lines dropped here, in the logging thread, while the sender waits
+        self._skipped = 0  # lines dropped here, in the logging thread: backing off, queue full
         if quiet_when_missing:
             # The C forward's default (-u ulog_socket) is usually absent: do not complain.
             self._sender.failing = "No such file or directory"
-        self._thread = threading.Thread(target=self._run, name="forward-ulog", daemon=True)
-        self._thread.start()
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._listener = _Listener(self.queue, _Sending(self._sender))
+        self._listener.start()
 
     @property
     def dropped(self) -> int:
@@ -201,44 +231,33 @@ class ULogHandler(logging.Handler):
         if time.monotonic() < self._sender.retry_at:
             self._skipped += 1  # backing off: not even worth formatting the line
             return
-        try:
-            line = format_line(
-                self.format(record),
-                record.levelno,
-                record.created,
-                self.host,
-                record.process or os.getpid(),
-            )
-        except Exception:  # a bad %-format in some log call: logging's usual report
-            self.handleError(record)
-            return
-        with self._lock_size:
-            if self._size >= QUEUE_SIZE:
-                self._sender.dropped += 1
-                return
-            self._size += 1
-        self._queue.put(line)
+        super().emit(record)  # prepare, enqueue; a bad %-format is logging's usual report
 
-    def _run(self) -> None:
-        while True:
-            line = self._queue.get()
-            if line is None:
-                break
-            self._sender.send(line)
-            with self._lock_size:
-                self._size -= 1
-        self._sender._close()
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        line = format_line(
+            self.format(record),
+            record.levelno,
+            record.created,
+            self.host,
+            record.process or os.getpid(),
+        )
+        return logging.makeLogRecord({"msg": line, "levelno": record.levelno})
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self._skipped += 1
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait (a little) until the queued lines have been handed to the socket."""
         deadline = time.monotonic() + timeout
-        while self._size > 0 and time.monotonic() < deadline:
+        while self.queue.unfinished_tasks > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(SEND_TIMEOUT * 2)
+        self._listener.stop()
+        self._sender._close()
         super().close()
 
 

@@ -7,10 +7,11 @@ every socket open, so a worker that dies loses no queued connection: its replace
 same sockets, and the counters in the shared `Stats` survive it (only its open-session gauge is
 cleared). Restarts of a worker that keeps dying at once are spaced out, up to 30 s.
 
-The parent also does what must happen once per service: the PID file, `-S` ADD/DEL, systemd
-notification. SIGTERM/SIGINT are passed to the workers (each drains as a single forward does),
-SIGHUP too (TLS reload happens in each worker). Processes are made with fork: the workers need
-the parent's sockets and shared memory, and the parent has no event loop of uvloop's to inherit.
+The parent also does what must happen once per service (`service.Lifecycle`: the PID file, `-S`
+ADD/DEL, systemd notification, the unix socket file). SIGTERM/SIGINT are passed to the workers
+(each drains as a single forward does), SIGHUP too (TLS reload happens in each worker).
+Processes are made with fork: the workers need the parent's sockets and shared memory, and the
+parent has no event loop of uvloop's to inherit.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import signal
 import socket
 import time
 
-from .app import bind_listeners, unlink_unix
+from . import service
 from .config import Config
-from .daemon import PidFile, notify
-from .srvmgr import ServerManager
+from .listeners import bind_listeners
+from .logsetup import close_logging, setup_logging
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,17 @@ def _close(rows: list[Listeners]) -> None:
 
 def supervise(config: Config) -> int:
     """Run the parent until SIGTERM/SIGINT; returns the exit status."""
-    rows = bind_rows(config, config.workers)
-    try:
-        return asyncio.run(Supervisor(config, rows, Stats(config.workers)).run())
-    finally:
-        _close(rows)
+    return asyncio.run(_supervise(config))
+
+
+async def _supervise(config: Config) -> int:
+    # The PID file is written before anything is bound, as a single forward does.
+    async with service.Lifecycle(config) as lifecycle:
+        rows = bind_rows(config, config.workers)
+        try:
+            return await Supervisor(config, rows, Stats(config.workers)).run(lifecycle)
+        finally:
+            _close(rows)
 
 
 class Supervisor:
@@ -92,14 +99,11 @@ class Supervisor:
         self.stopping = False
         self.failed = False
 
-    async def run(self) -> int:
+    async def run(self, lifecycle: service.Lifecycle) -> int:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._all_ready = asyncio.Event()
         self._none_left = asyncio.Event()
-        pid_file = PidFile(self.config.pid_file)
-        pid_file.write()
-        manager = ServerManager.from_config(self.config.server_manager)
         loop.add_reader(self.ready_r, self._on_ready)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -118,12 +122,10 @@ class Supervisor:
                     len(self.pids),
                     " ".join(str(p) for p in sorted(self.pids)),
                 )
-                if manager is not None:
-                    manager.start_add()
-                notify(f"READY=1\nMAINPID={os.getpid()}")
+                lifecycle.ready()
             await stop
             log.info("shutting down %d workers", len(self.pids))
-            notify("STOPPING=1")
+            await lifecycle.stopping()
         finally:
             self.stopping = True
             await self._stop_workers()
@@ -132,10 +134,6 @@ class Supervisor:
             loop.remove_reader(self.ready_r)
             for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
                 os.close(fd)
-            if manager is not None:
-                await manager.delete()
-            unlink_unix(self.config)
-            pid_file.remove()
         return 1 if self.failed else 0
 
     # -- workers ------------------------------------------------------------------------------
@@ -171,15 +169,15 @@ class Supervisor:
                 for sock in socks:
                     if id(sock) not in keep:
                         sock.close()
-        from .cli import _loop_factory, close_logging, serve, setup_logging
-
         setup_logging(self.config)  # a fresh ulog thread: threads do not survive fork
         log.info("worker %d serving", row)
 
         async def run() -> None:
             ready = asyncio.Event()
             task = asyncio.ensure_future(
-                serve(self.config, ready, listeners=mine, stats=self.stats, row=row, manage=False)
+                service.serve(
+                    self.config, ready, listeners=mine, stats=self.stats, row=row, manage=False
+                )
             )
             waiter = asyncio.ensure_future(ready.wait())
             await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
@@ -195,8 +193,7 @@ class Supervisor:
             os.kill(os.getpid(), signal.SIGTERM)
 
         try:
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                runner.run(run())
+            service.run(run())
         except Exception:
             log.exception("worker %d failed", row)
             return 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import hdrs, web
 
-from . import wsframe
+from . import aiohttp_private, wsframe
 from .wsframe import Close, Opcode, Ping, ProtocolError
 
 if TYPE_CHECKING:
@@ -121,14 +121,7 @@ def take_over(request: web.Request, answer: bytes) -> tuple[asyncio.Transport, b
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the browser left during the upgrade")
     transport.write(answer)
-    tail: bytes = handler._message_tail
-    handler._message_tail = b""
-    handler.transport = None
-    handler.force_close()
-    manager = handler._manager
-    if manager is not None:
-        manager.connection_lost(handler, None)
-    return transport, tail
+    return transport, aiohttp_private.detach(handler)
 
 
 class ReadBuffer:

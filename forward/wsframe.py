@@ -36,12 +36,9 @@ def _mask_python(mask: bytes, data: bytearray) -> None:
 
 def _find_mask() -> Callable[[bytes, bytearray], None]:
     # aiohttp ships a compiled XOR (several GB/s); it is not public API, so fall back to ours.
-    try:
-        from aiohttp._websocket.helpers import websocket_mask
+    from .aiohttp_private import websocket_mask
 
-        return websocket_mask
-    except ImportError:  # pragma: no cover - depends on the aiohttp build
-        return _mask_python
+    return websocket_mask() or _mask_python
 
 
 class Opcode(enum.IntEnum):

@@ -25,8 +25,9 @@ import pytest
 import trustme
 import yaml
 
-from forward.app import Server, bind_unix
+from forward.app import Server
 from forward.config import Config
+from forward.listeners import bind_unix
 from forward.stats import Stat, Stats
 
 from .conftest import IN_CI, ROOT, Rserve, StartForward, free_port

@@ -18,6 +18,7 @@ from forward.guard import (
     GuardSettings,
     browser_authority,
     client_address,
+    client_identity,
     ip_allowed,
     origin_refusal,
     parse_forwarded,
@@ -409,3 +410,83 @@ async def test_slow_tls_handshake_does_not_lift_the_header_deadline(
         writer.close()
     finally:
         raw.close()
+
+
+# -- who is calling, as told to R (.R scripts) --
+
+NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "real", "expected"),
+    [
+        # an untrusted peer is the client, whatever it claims
+        (
+            "203.0.113.5",
+            "1.2.3.4",
+            "1.2.3.4",
+            [("X-Real-IP", "203.0.113.5"), ("X-Forwarded-For", "203.0.113.5")],
+        ),
+        # a trusted proxy: its chain is kept and it is appended
+        (
+            "127.0.0.1",
+            "198.51.100.7",
+            "198.51.100.7",
+            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.7, 127.0.0.1")],
+        ),
+        # the chain decides, not an X-Real-IP a client slipped through the proxy
+        (
+            "127.0.0.1",
+            "6.6.6.6, 198.51.100.7",
+            "6.6.6.6",
+            [
+                ("X-Real-IP", "198.51.100.7"),
+                ("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 127.0.0.1"),
+            ],
+        ),
+        # Rserve's nginx example sets only X-Real-IP: believed from a trusted proxy
+        (
+            "127.0.0.1",
+            None,
+            "198.51.100.7",
+            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "127.0.0.1")],
+        ),
+        # no X-Real-IP: the nearest untrusted address in the chain
+        (
+            "127.0.0.1",
+            "198.51.100.7, 203.0.113.9, 10.1.1.1",
+            None,
+            [
+                ("X-Real-IP", "203.0.113.9"),
+                ("X-Forwarded-For", "198.51.100.7, 203.0.113.9, 10.1.1.1, 127.0.0.1"),
+            ],
+        ),
+        # a trusted proxy that says nothing: it is the client
+        ("127.0.0.1", None, None, [("X-Real-IP", "127.0.0.1"), ("X-Forwarded-For", "127.0.0.1")]),
+        ("::1", None, None, [("X-Real-IP", "::1"), ("X-Forwarded-For", "::1")]),
+        # a dual-stack listener's view of an IPv4 client; still the trusted 127.0.0.1
+        (
+            "::ffff:127.0.0.1",
+            "192.0.2.1",
+            None,
+            [("X-Real-IP", "192.0.2.1"), ("X-Forwarded-For", "192.0.2.1, 127.0.0.1")],
+        ),
+        (
+            "::ffff:192.0.2.8",
+            None,
+            None,
+            [("X-Real-IP", "192.0.2.8"), ("X-Forwarded-For", "192.0.2.8")],
+        ),
+    ],
+)
+def test_client_identity(
+    peer: str, xff: str | None, real: str | None, expected: list[tuple[str, str]]
+) -> None:
+    assert client_identity(peer, xff, real, NETS) == expected
+
+
+def test_client_identity_without_trusted_proxies() -> None:
+    assert client_identity("127.0.0.1", "1.1.1.1", "1.1.1.1", ()) == [
+        ("X-Real-IP", "127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1"),
+    ]

@@ -14,6 +14,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from forward import health
 from forward.app import Server
 from forward.config import Config
 from forward.stats import Stat, Stats
@@ -175,3 +176,31 @@ async def test_tls_handshake_failures_are_counted(
     with pytest.raises(aiohttp.ClientConnectorError):
         await RClient.connect(fwd.url("http"), ssl_context=old)
     assert stats.total(Stat.TLS_HANDSHAKE_FAILURES) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "problem"),
+    [
+        (b"Rsrv0103QAP1\r\n\r\n--------------\r\n", None),
+        (b"RsOC" + bytes(12), None),
+        (b"RSpx0100QAP1\r\n\r\n", "RSpx proxy protocol"),
+        (b"HTTP/1.1 200 OK\r\n", "not an Rserve greeting"),
+    ],
+)
+async def test_probe_classifies_the_greeting_as_a_session_would(
+    tmp_path: Path, first: bytes, problem: str | None
+) -> None:
+    path = tmp_path / "fake.sock"
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(first)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(greet, str(path))
+    async with server:
+        answer = await health.probe(str(path))
+    if problem is None:
+        assert answer is None
+    else:
+        assert answer is not None and problem in answer

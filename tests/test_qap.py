@@ -215,3 +215,13 @@ def test_garbage_raises_only_the_framers_error(data: bytes, step: int) -> None:
             list(stream.feed(data[i : i + step]))
     except qap.QAPError:
         pass
+
+
+def test_oob_and_error_code() -> None:
+    assert qap.is_oob(Cmd.OOB_SEND) and qap.is_oob(Cmd.OOB_MSG | 0x123)
+    assert qap.is_oob_send(Cmd.OOB_SEND | 0x7) and not qap.is_oob_send(Cmd.OOB_MSG)
+    assert not qap.is_oob(Cmd.RESP_OK) and not qap.is_oob(Cmd.OOB_MSG | Cmd.RESP_OK)
+    assert qap.error_code(Cmd.RESP_ERR | (0x42 << 24)) == 0x42
+    assert qap.error_code(Cmd.RESP_ERR) == 0
+    assert qap.error_code(Cmd.RESP_OK) is None
+    assert qap.error_code(Cmd.OOB_MSG | Cmd.RESP_ERR) is None

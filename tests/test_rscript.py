@@ -1,11 +1,10 @@
-""".R scripts (SPEC section 4): the packing as byte literals, then pages rendered by a real OCAP
+""".R scripts (docs/static.md): the packing as byte literals, then pages rendered by a real OCAP
 Rserve, then what forward does when the R side is missing or talks nonsense (a fake backend)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import ssl
 import struct
@@ -23,19 +22,17 @@ from hypothesis import strategies as st
 from forward import rexp
 from forward.config import Config
 from forward.dispatch import make_http_handler
-from forward.qap import Cmd, Dt, Header, Xt
-from forward.rexp import RObj
-from forward.rscript import (
+from forward.ocap import (
     Answer,
-    certificate_subject,
-    client_identity,
-    is_rscript,
     pack_call,
     parse_greeting,
     parse_header_lines,
     request_headers,
     unpack_answer,
 )
+from forward.qap import Cmd, Dt, Header, Xt
+from forward.rexp import RObj
+from forward.rscript import is_rscript
 from forward.static import Refusal
 
 from .conftest import C_FORWARD, Rserve, Running, StartForward
@@ -132,97 +129,6 @@ def test_request_headers_refuse_nul() -> None:
     with pytest.raises(Refusal) as info:
         request_headers("GET", [(b"A", b"x\0y")], [])
     assert info.value.status == 400
-
-
-NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
-
-
-@pytest.mark.parametrize(
-    ("peer", "xff", "real", "expected"),
-    [
-        # an untrusted peer is the client, whatever it claims
-        (
-            "203.0.113.5",
-            "1.2.3.4",
-            "1.2.3.4",
-            [("X-Real-IP", "203.0.113.5"), ("X-Forwarded-For", "203.0.113.5")],
-        ),
-        # a trusted proxy: its chain is kept and it is appended
-        (
-            "127.0.0.1",
-            "198.51.100.7",
-            "198.51.100.7",
-            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.7, 127.0.0.1")],
-        ),
-        # the chain decides, not an X-Real-IP a client slipped through the proxy
-        (
-            "127.0.0.1",
-            "6.6.6.6, 198.51.100.7",
-            "6.6.6.6",
-            [
-                ("X-Real-IP", "198.51.100.7"),
-                ("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 127.0.0.1"),
-            ],
-        ),
-        # Rserve's nginx example sets only X-Real-IP: believed from a trusted proxy
-        (
-            "127.0.0.1",
-            None,
-            "198.51.100.7",
-            [("X-Real-IP", "198.51.100.7"), ("X-Forwarded-For", "127.0.0.1")],
-        ),
-        # no X-Real-IP: the nearest untrusted address in the chain
-        (
-            "127.0.0.1",
-            "198.51.100.7, 203.0.113.9, 10.1.1.1",
-            None,
-            [
-                ("X-Real-IP", "203.0.113.9"),
-                ("X-Forwarded-For", "198.51.100.7, 203.0.113.9, 10.1.1.1, 127.0.0.1"),
-            ],
-        ),
-        # a trusted proxy that says nothing: it is the client
-        ("127.0.0.1", None, None, [("X-Real-IP", "127.0.0.1"), ("X-Forwarded-For", "127.0.0.1")]),
-        ("::1", None, None, [("X-Real-IP", "::1"), ("X-Forwarded-For", "::1")]),
-        # a dual-stack listener's view of an IPv4 client; still the trusted 127.0.0.1
-        (
-            "::ffff:127.0.0.1",
-            "192.0.2.1",
-            None,
-            [("X-Real-IP", "192.0.2.1"), ("X-Forwarded-For", "192.0.2.1, 127.0.0.1")],
-        ),
-        (
-            "::ffff:192.0.2.8",
-            None,
-            None,
-            [("X-Real-IP", "192.0.2.8"), ("X-Forwarded-For", "192.0.2.8")],
-        ),
-    ],
-)
-def test_client_identity(
-    peer: str, xff: str | None, real: str | None, expected: list[tuple[str, str]]
-) -> None:
-    assert client_identity(peer, xff, real, NETS) == expected
-
-
-def test_client_identity_without_trusted_proxies() -> None:
-    assert client_identity("127.0.0.1", "1.1.1.1", "1.1.1.1", ()) == [
-        ("X-Real-IP", "127.0.0.1"),
-        ("X-Forwarded-For", "127.0.0.1"),
-    ]
-
-
-def test_certificate_subject() -> None:
-    cert = {
-        "subject": (
-            (("countryName", "DE"),),
-            (("organizationName", "ACME, Inc."),),
-            (("commonName", "alice"),),
-        )
-    }
-    assert certificate_subject(cert) == ("CN=alice,O=ACME\\, Inc.,C=DE", "alice")
-    assert certificate_subject({}) == (None, None)
-    assert certificate_subject(None) == (None, None)
 
 
 # -- pure: answers -----------------------------------------------------------------------------

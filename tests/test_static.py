@@ -1,4 +1,4 @@
-"""The document root (SPEC section 3): path safety first, then aiohttp's file serving."""
+"""The document root (docs/static.md): path safety first, then aiohttp's file serving."""
 
 from __future__ import annotations
 

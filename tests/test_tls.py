@@ -1,4 +1,4 @@
-"""TLS on both listeners and the client-certificate policy (SPEC sections 1 and 5).
+"""TLS on both listeners and the client-certificate policy (docs/tls.md).
 
 Certificates come from trustme; the clients are aiohttp and `openssl s_client`; sessions go to a
 real Rserve. The policy table uses the counting fake backend because its point is that a refused
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from forward import tls
 from forward.config import Config, ConfigError
-from forward.tls import ClientPolicy, parse_policy, refusal
+from forward.tls import ClientPolicy, certificate_subject, parse_policy, refusal
 
 from .conftest import IN_CI, PKI, Rserve, Running, StartForward, free_port
 from .fakes import FakeRserve
@@ -677,3 +677,16 @@ async def test_redirect_port(start_forward: StartForward, pki: PKI, tmp_path: Pa
             assert (r.status, r.headers["Location"]) == (308, target)
         async with s.get(plain, ssl=pki.client_context()) as r:  # followed: lands on HTTPS
             assert (r.status, str(r.url)) == (404, target)
+
+
+def test_certificate_subject() -> None:
+    cert = {
+        "subject": (
+            (("countryName", "DE"),),
+            (("organizationName", "ACME, Inc."),),
+            (("commonName", "alice"),),
+        )
+    }
+    assert certificate_subject(cert) == ("CN=alice,O=ACME\\, Inc.,C=DE", "alice")
+    assert certificate_subject({}) == (None, None)
+    assert certificate_subject(None) == (None, None)

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -195,22 +196,37 @@ def test_missing_collector_is_retried_with_backoff_not_per_line(
 def test_full_queue_drops_instead_of_growing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(ulog, "QUEUE_SIZE", 0)
+    # The sender is held inside its first line: one more fits the queue, the rest are dropped.
+    sending, release = threading.Event(), threading.Event()
+    real_send = ulog._Sender.send
+
+    def held(self: ulog._Sender, line: bytes) -> None:
+        sending.set()
+        release.wait(10)
+        real_send(self, line)
+
+    monkeypatch.setattr(ulog._Sender, "send", held)
+    monkeypatch.setattr(ulog, "QUEUE_SIZE", 1)
     path = tmp_path / "slow.sock"
     logger = logging.getLogger("forward.test.ulog")
     with dgram_collector(path) as coll:
         handler = ULogHandler(Target("unix", str(path)))
         try:
-            emit(logger, handler, "overflow")
-            assert handler.dropped == 1
-            coll.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                coll.recv(65536)
+            emit(logger, handler, "first")
+            assert sending.wait(10)
+            for i in range(5):
+                emit(logger, handler, f"overflow {i}")
+            assert handler.dropped == 4
+            release.set()
+            handler.flush()
+            coll.settimeout(5)
+            assert coll.recv(65536).endswith(b"first")
+            assert coll.recv(65536).endswith(b"overflow 0")
         finally:
+            release.set()
             handler.close()
 
 
-@pytest.mark.rserve
 def test_forward_sends_its_log_to_the_u_socket(rserve_qap: Rserve, tmp_path: Path) -> None:
     path = tmp_path / "ulog.sock"
     with dgram_collector(path) as coll, socket.create_server(("127.0.0.1", 0)) as probe:

@@ -15,6 +15,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from forward.config import Config
+from forward.workers import Supervisor, supervise
+
 from .conftest import ROOT, Rserve, free_port
 from .rclient import RClient
 
@@ -197,3 +200,18 @@ def test_a_worker_that_cannot_start_stops_the_whole(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("forward: cannot listen on ")
+
+
+def test_a_worker_that_dies_before_it_is_ready_stops_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a worker fails on is its own business (a TLS file, a setting): a stand-in that exits
+    # at once with status 3 tells the parent no more than a real one would.
+    monkeypatch.setattr(Supervisor, "_child", lambda self, row: 3)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    pid, unix = tmp_path / "forward.pid", tmp_path / "forward.sock"
+    config = Config(http_port=-1, listen_unix=str(unix), workers=2, ulog="", pid_file=str(pid))
+    assert supervise(config.validate()) == 1
+    assert "exited with status 3 before serving; stopping" in caplog.text
+    assert "workers serving" not in caplog.text
+    assert not pid.exists() and not unix.exists()

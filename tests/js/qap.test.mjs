@@ -195,7 +195,7 @@ describe("messages", () => {
   });
 
   test("forward's idle heartbeat is recognised as such", () => {
-    // The exact bytes forward sends (SPEC section 2.7).
+    // The exact bytes of the idle heartbeat forward sends (forward/qap.py: IDLE_MESSAGE).
     const idle = cat(header(CMD.OOB_SEND, 20), bytes(...u32(10 | (16 << 8)), ...u32(16 | (12 << 8)), ...u32(34 | (8 << 8))), Buffer.from("idle\0\x01\x01\x01"));
     assert.ok(isHeartbeat(decodeMessage(idle)));
     assert.ok(!isHeartbeat(decodeMessage(sexpMsg(CMD.OOB_SEND, encodeSEXP([["idle"], "x"])))));
