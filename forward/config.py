@@ -239,6 +239,26 @@ class Config:
         min=0,
         rule="{flag} must not be negative",
     )
+    resume_grace: float = _opt(
+        120.0,
+        "--resume-grace",
+        metavar="SECONDS",
+        help="how long a session whose connection broke stays parked for a client that asked "
+        "for resume to come back (docs/resume.md; default 120; 0: no resume)",
+        min=0,
+        max=86400,
+        rule="{flag} must be between 0 and 86400 seconds",
+    )
+    resume_buffer: int = _opt(
+        1024 * 1024,
+        "--resume-buffer",
+        metavar="BYTES",
+        help="bytes from R kept per resumable session until the client acknowledges them; when "
+        "full, forward stops reading from R (default 1 MiB)",
+        min=4096,
+        max=1 << 30,
+        rule="{flag} must be between 4096 and 1073741824 bytes",
+    )
     backend_timeout: float = _opt(
         10.0,
         "--backend-timeout",

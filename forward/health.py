@@ -72,6 +72,32 @@ class StatsCollector(Collector):
             "TLS handshakes that failed",
             value=s.total(Stat.TLS_HANDSHAKE_FAILURES),
         )
+        yield GaugeMetricFamily(
+            "forward_sessions_parked",
+            "resumable sessions whose connection broke, waiting for their client",
+            value=s.total(Stat.SESSIONS_PARKED),
+        )
+        resume = CounterMetricFamily(
+            "forward_resume_events",
+            "session resume: parks, resumes, takeovers, expired parks, refused resumes, "
+            "and stalls (reading from R paused for an unacknowledged window)",
+            labels=["event"],
+        )
+        for label, stat in (
+            ("park", Stat.PARKS),
+            ("resume", Stat.RESUMES),
+            ("takeover", Stat.TAKEOVERS),
+            ("expired", Stat.PARKS_EXPIRED),
+            ("refused", Stat.RESUMES_REFUSED),
+            ("stall", Stat.RESUME_STALLS),
+        ):
+            resume.add_metric([label], s.total(stat))
+        yield resume
+        yield CounterMetricFamily(
+            "forward_resume_replayed_bytes",
+            "bytes of R's stream sent again to a client after it resumed",
+            value=s.total(Stat.REPLAYED_BYTES),
+        )
         http = CounterMetricFamily(
             "forward_http_requests",
             "HTTP requests answered, by status (101: WebSocket)",

@@ -50,6 +50,15 @@ class Stat(enum.IntEnum):
     MESSAGES_FROM_R = 5
     BACKEND_FAILURES = 6
     TLS_HANDSHAKE_FAILURES = 7
+    # Session resume (docs/resume.md).
+    SESSIONS_PARKED = 8  # a gauge: parked right now
+    PARKS = 9
+    RESUMES = 10
+    TAKEOVERS = 11
+    PARKS_EXPIRED = 12
+    REPLAYED_BYTES = 13
+    RESUME_STALLS = 14  # reading from R paused because the client's window was full
+    RESUMES_REFUSED = 15
 
 
 _HTTP_BASE = len(Stat)
@@ -83,6 +92,7 @@ class Slot:
 
     def reset_gauges(self) -> None:
         self._mem[self._base + Stat.SESSIONS_OPEN] = 0
+        self._mem[self._base + Stat.SESSIONS_PARKED] = 0
 
 
 class Stats:
