@@ -4,6 +4,10 @@
 //
 // The WebSocket goes to the server the page came from (wss: when the page is https:); add
 // ?ws=URL to the page's address to use another one.
+//
+// When forward offers session resume, a broken connection does not end the session: the status
+// line says "reconnecting…", then "reconnected", and the transcript and R's state stay as they
+// were (a call that was running gets its answer). qap.js does this with resume.js.
 
 import { connect, RValue, RserveError } from "./qap.js";
 import { errorMessage, formatR } from "./rformat.js";
@@ -25,7 +29,23 @@ function websocketURL() {
 
 function setState(state, text) {
   document.body.dataset.state = state;
+  delete document.body.dataset.link;
   $("status").textContent = text;
+}
+
+// The connection's ups and downs while the session lives on: shown in the status line without
+// changing the page's state (login, ready), so that what the user was doing carries on.
+function setLink(link, text) {
+  document.body.dataset.link = link;
+  $("status").textContent = text;
+}
+
+function reconnecting() {
+  setLink("reconnecting", "Connection to R lost; reconnecting…");
+}
+
+function reconnected() {
+  setLink("reconnected", `Connection to R lost, then reconnected over ${sessionURL}; the session is as it was.`);
 }
 
 function pre(className, text) {
@@ -140,6 +160,8 @@ async function main() {
   try {
     session = await connect(url, {
       onOOB: showOOB,
+      onReconnecting: reconnecting,
+      onReconnected: reconnected,
       onClose: ({ code, reason }) => {
         setState("closed", `Disconnected from R (${code}${reason ? `: ${reason}` : ""}). Reload to reconnect.`);
         for (const b of document.querySelectorAll("button")) b.disabled = true;

@@ -11,6 +11,9 @@
 // - Every QAP message is a 16-byte header (cmd, length low 32 bits, message id, length high
 //   32 bits; all little-endian) followed by the payload. forward sends each message from R as
 //   exactly one binary WebSocket message, so this client never has to reassemble.
+// - The WebSocket is a ResumableSocket (resume.js) unless told otherwise: when forward offers
+//   session resume (docs/resume.md), a broken connection is resumed underneath and the session
+//   goes on, R's messages restored whole; with resume off it is a plain WebSocket.
 // - OCAP mode: R speaks first with an ordinary message whose cmd spells "RsOC"; its payload is
 //   the value oc.init() returned — the capabilities. The only request is CMD_OCcall, whose
 //   payload is an R call (a "language" object) with a capability in the function's place.
@@ -21,6 +24,8 @@
 // - While R evaluates a call it may send out-of-band (OOB) messages before the answer:
 //   OOB_SEND is one-way (e.g. printed output), OOB_MSG wants an answer (self.oobMessage in R).
 // QAP is strictly request/response, so calls are queued and sent one at a time.
+
+import { ResumableSocket } from "./resume.js";
 
 // ---- constants -----------------------------------------------------------------------------
 
@@ -550,11 +555,14 @@ export function isHeartbeat(message) {
 /**
  * Opens a WebSocket to `url` and waits for R's greeting.
  * Options: onOOB(value, code) for OOB sends; onOOBMessage(value, code) for OOB messages, whose
- * (possibly async) return value is the answer R gets; onClose({code, reason}); WebSocket (an
- * implementation, for environments without a global one).
+ * (possibly async) return value is the answer R gets; onClose({code, reason}) when the session
+ * has ended; onReconnecting({code}) when the connection broke and is being resumed, and
+ * onReconnected() when it has been (pending calls carry on); resume (default true: the
+ * WebSocket is a ResumableSocket; false: the global WebSocket); WebSocket (an implementation to
+ * use instead, as is: a WebSocket, or a ResumableSocket class over a stand-in).
  */
 export function connect(url, options = {}) {
-  const WS = options.WebSocket ?? globalThis.WebSocket;
+  const WS = options.WebSocket ?? (options.resume === false ? globalThis.WebSocket : ResumableSocket);
   return new Promise((resolve, reject) => {
     const ws = new WS(url);
     ws.binaryType = "arraybuffer";
@@ -563,6 +571,14 @@ export function connect(url, options = {}) {
     ws.onmessage = (event) => session._receive(event.data);
     ws.onclose = (event) => session._closed(event.code, event.reason);
     ws.onerror = () => {}; // followed by a close event, which carries the detail
+    ws.onreconnecting = (event) => {
+      session.reconnecting = true;
+      options.onReconnecting?.({ code: event.code, reason: event.reason });
+    };
+    ws.onreconnected = () => {
+      session.reconnecting = false;
+      options.onReconnected?.();
+    };
   });
 }
 
@@ -574,6 +590,7 @@ export class Session {
     this.capabilities = null; // OCAP mode: what oc.init() returned
     this.idString = null; // classic mode: the 32-byte ID string
     this.closed = false;
+    this.reconnecting = false; // the connection broke and is being resumed
     this._pending = null; // {resolve, reject} of the request waiting for its answer
     this._queue = Promise.resolve();
     this._nextId = 1;
