@@ -30,7 +30,7 @@ from typing import cast
 from . import qap
 from .stats import Slot, Stat
 from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
-from .wsframe import Opcode, frame_header
+from .wsframe import CloseReason, Opcode, frame_header
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,9 @@ class Session:
                 lambda: _Backend(self, self._buffer), sock=sock
             )
         except asyncio.CancelledError:
-            self.close(1001, "forward is shutting down", ended="cancelled at shutdown")
+            self.close(
+                CloseReason.GOING_AWAY, "forward is shutting down", ended="cancelled at shutdown"
+            )
             raise
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
@@ -180,7 +182,9 @@ class Session:
                 "session %d from %s: cannot reach Rserve at %s: %s", self.id, self.label, path, why
             )
             self._stats.add(Stat.BACKEND_FAILURES)
-            self.close(1011, f"Rserve unavailable: {why}", ended="Rserve unreachable")
+            self.close(
+                CloseReason.INTERNAL_ERROR, f"Rserve unavailable: {why}", ended="Rserve unreachable"
+            )
             return
         if ws.transport is None:  # the browser left while we connected
             if backend.transport is not None:
@@ -225,7 +229,7 @@ class Session:
         )
 
     def close(
-        self, code: int, reason: str, *, notice: bool = False, ended: str | None = None
+        self, code: CloseReason, reason: str, *, notice: bool = False, ended: str | None = None
     ) -> None:
         """End the session: the close handshake with the browser, and Rserve's connection
         closed at once (nothing more can be relayed either way)."""
@@ -261,7 +265,7 @@ class Session:
     def ws_data(self, data: bytearray) -> None:
         self._to_backend(data)
 
-    def ws_error(self, code: int, reason: str) -> None:
+    def ws_error(self, code: CloseReason, reason: str) -> None:
         log.warning("session %d from %s: %s", self.id, self.label, reason)
         self.close(code, reason, ended=f"WebSocket error: {reason}")
 
@@ -301,7 +305,7 @@ class Session:
             why = f"Rserve sent no greeting within {self._settings.backend_timeout:g} s"
             log.warning("session %d from %s: %s", self.id, self.label, why)
             self._lose_backend()
-            self.close(1011, why)
+            self.close(CloseReason.INTERNAL_ERROR, why)
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -309,7 +313,7 @@ class Session:
         timeout = self._settings.idle_timeout
         if quiet >= timeout:
             log.info("session %d from %s: idle for %.0f s", self.id, self.label, quiet)
-            self.close(1001, f"session idle for {timeout:g} s", notice=True)
+            self.close(CloseReason.GOING_AWAY, f"session idle for {timeout:g} s", notice=True)
         else:
             self._timers = [t for t in self._timers if not t.cancelled() and t.when() > loop.time()]
             self._timers.append(loop.call_later(timeout - quiet, self._check_idle))
@@ -317,7 +321,7 @@ class Session:
     def _expire(self) -> None:
         limit = self._settings.max_lifetime
         log.info("session %d from %s: lifetime of %g s reached", self.id, self.label, limit)
-        self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
+        self.close(CloseReason.GOING_AWAY, f"session lifetime of {limit:g} s reached", notice=True)
 
     def _to_backend(self, data: bytearray) -> None:
         if self._settings.idle_timeout:
@@ -349,7 +353,10 @@ class Session:
                 )
                 if self._server.in_message:
                     # A frame of our own inside R's fragmented message would corrupt it.
-                    self.close(1011, "write to Rserve failed in the middle of R's answer")
+                    self.close(
+                        CloseReason.INTERNAL_ERROR,
+                        "write to Rserve failed in the middle of R's answer",
+                    )
                     return
                 self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
                 self._lose_backend()
@@ -420,7 +427,7 @@ class Session:
             why = ""
         if why:
             log.warning("session %d from %s: %s", self.id, self.label, why)
-            self.close(1011, why)
+            self.close(CloseReason.INTERNAL_ERROR, why)
             return
         log.info(
             "session %d from %s: Rserve closed the session%s; answering %d pending "
