@@ -381,7 +381,7 @@ class Session:
             else:
                 self._abort_backend()
             return
-        sent = sum(len(b) for b in out)
+        sent = sum(map(len, out))
         self.bytes_to_r += sent
         self._stats.add(Stat.BYTES_TO_R, sent)
 
@@ -396,15 +396,17 @@ class Session:
         counted = core.messages_from_r
         try:
             mode = core.from_r(data)
-        except qap.MessageTooLarge as exc:
-            self._r_broke(exc.close_code, f"R's answer is too large: {exc.reason}")
-            return
         except qap.QAPError as exc:
-            self._r_broke(exc.close_code, exc.reason)
+            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+            reason = exc.reason
+            if isinstance(exc, qap.MessageTooLarge):
+                reason = f"R's answer is too large: {reason}"
+            log.warning("session %d from %s: %s", self.id, self.label, reason)
+            self._abort_backend()
+            self._end(exc.close_code, reason)
             return
-        finally:
-            if core.messages_from_r != counted:
-                self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+        if core.messages_from_r != counted:
+            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
         if mode is not None:
             if self._greeting_timer is not None:
                 self._greeting_timer.cancel()
@@ -414,11 +416,6 @@ class Session:
             log.info(
                 "session %d from %s opened: Rserve in %s mode", self.id, self.label, mode.value
             )
-
-    def _r_broke(self, code: CloseReason, reason: str) -> None:
-        log.warning("session %d from %s: %s", self.id, self.label, reason)
-        self._abort_backend()
-        self._end(code, reason)
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self._backend is None:

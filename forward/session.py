@@ -151,7 +151,8 @@ class SessionCore:
                     out.append(chunk.data)
                     if chunk.first:
                         self.messages_to_r += 1
-                        if not qap.is_response(chunk.header.cmd):
+                        # qap.is_response, inline: this runs for every message.
+                        if not chunk.header.cmd & qap.CMD_RESP:
                             pending.append(chunk.header.msg_id)
             else:
                 for chunk in self._client.feed(data):
@@ -184,8 +185,9 @@ class SessionCore:
                     continue
                 if item.first:
                     self.messages_from_r += 1
-                    # Newest first: nested OCAP calls unwind like a stack.
-                    if qap.is_response(item.header.cmd) and self.pending:
+                    # An answer settles the newest request: nested OCAP calls unwind like a
+                    # stack. (qap.is_response, inline: this runs for every message.)
+                    if item.header.cmd & qap.CMD_RESP and self.pending:
                         self.pending.pop()
                     send(Opcode.BINARY, item.data, item.last)
                 else:
