@@ -10,7 +10,7 @@ transition itself, in `_enter`:
           +----------+--------+--> CLOSING --> CLOSED   (and any state --> CLOSED)
 
 - CONNECTING: the browser is upgraded, Rserve's connection is being made. R's first bytes may
-  already arrive (and are relayed); the browser's wait, held back by the shell.
+  already arrive (and are relayed); the browser's bytes wait, held back by the shell.
 - OPEN: relaying both ways. `from_browser` gives what goes to R; `from_r` sends frames.
 - R_GONE: R closed between two messages, or a write to it failed. The browser stays: every
   request still waiting for an answer, and every later one, is answered with ERR_conn_broken and
@@ -38,6 +38,8 @@ Send = Callable[[int, bytes | memoryview, bool], None]
 
 
 class State(enum.Enum):
+    """Where a session is in its life (see the module's docstring for each state)."""
+
     CONNECTING = "connecting"
     OPEN = "open"
     R_GONE = "R gone"
