@@ -37,6 +37,7 @@ from .guard import (
 from .listeners import bind_listeners, show_address
 from .relay import RelaySettings, Session
 from .stats import Stats
+from .wsframe import CloseReason
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         ws = wsconn.ServerWebSocket(transport, _Refused(), from_browser)
         ws.start(tail)
-        ws.close(1013, refusal)
+        ws.close(CloseReason.TRY_AGAIN_LATER, refusal)
         return wsconn.Detached()
     sessions = app[SESSIONS]
 
@@ -411,7 +412,7 @@ class Server:
 
     async def _close_sessions(self) -> None:
         for session in list(self.sessions):
-            session.close(1001, "forward is shutting down", notice=True)
+            session.close(CloseReason.GOING_AWAY, "forward is shutting down", notice=True)
         # Sessions are not aiohttp's handlers, so no runner waits for their close handshakes:
         # wait here, once, then drop whatever has not answered.
         with contextlib.suppress(TimeoutError):

@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .wsframe import CloseReason
+
 # cmd, len (low 32 bits), msg_id, len_hi (high 32 bits); little-endian (Rsrv.h: struct phdr).
 HEADER = struct.Struct("<IIII")
 HEADER_SIZE = HEADER.size
@@ -90,7 +92,7 @@ class Mode(enum.Enum):
 class QAPError(Exception):
     """A protocol violation. `close_code` is the WebSocket close code it maps to."""
 
-    close_code = 1002
+    close_code = CloseReason.PROTOCOL_ERROR
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -100,11 +102,11 @@ class QAPError(Exception):
 class GreetingError(QAPError):
     """Rserve's first bytes are not a greeting forward can relay."""
 
-    close_code = 1011
+    close_code = CloseReason.INTERNAL_ERROR
 
 
 class MessageTooLarge(QAPError):
-    close_code = 1009
+    close_code = CloseReason.MESSAGE_TOO_BIG
 
 
 @dataclass(frozen=True, slots=True)

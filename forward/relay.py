@@ -1,20 +1,19 @@
-"""One WebSocket <-> Rserve session: the async shell around `qap.py`.
+"""One WebSocket <-> Rserve session: the asyncio shell around `session.SessionCore`.
 
-Both directions run in transport callbacks, with no task per session. Rserve -> browser: each
-chunk the `ServerStream` yields from the backend protocol's `data_received` is written at once to
-the browser as a WebSocket frame (a whole message as one frame, a long one as one fragmented
-message); reading from Rserve pauses while the browser's transport is over its high-water mark.
-Browser -> Rserve: the `ServerWebSocket` (wsconn.py) hands over frame payloads as they arrive, the
-`ClientStream` cuts them into QAP chunks and they are written to Rserve; reading from the browser
-pauses while Rserve's socket is full.
+The core (session.py) holds the session's state and decides what is relayed and how each end's
+failure maps to the other; this module does the I/O it asks for and nothing else: the unix
+connection to Rserve, flow control, timers, counters and the log.
 
-How each end's failure maps to the other (SPEC section 2):
-- Rserve cannot be reached, sends no valid greeting, or dies in the middle of a message: the
-  browser gets a close code with a reason (1011), the session ends.
-- Rserve closes between messages: the browser stays; every request still waiting for an answer,
-  and every later one, is answered with ERR_conn_broken and its own msg_id.
-- A write to Rserve fails: the browser gets the OOB_SEND shutdown notice, then as above.
-- The browser closes or goes away: the Rserve stream is closed, which ends that R process.
+Both directions run in transport callbacks, with no task per session. Rserve -> browser: what the
+backend protocol reads goes to the core, whose frames are written at once to the browser (a whole
+message as one frame, a long one as one fragmented message); reading from Rserve pauses while the
+browser's transport is over its high-water mark. Browser -> Rserve: the `ServerWebSocket`
+(wsconn.py) hands over frame payloads as they arrive, the core cuts them into QAP chunks and they
+are written to Rserve; reading from the browser pauses while Rserve's socket is full. Reads from
+both ends go into receive buffers shared by every session; a frame's payload is written from it
+without a copy, unless the browser's transport would keep the view.
+
+When the browser closes or goes away, the Rserve stream is closed, which ends that R process.
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from . import qap
+from .session import SessionCore, State
 from .stats import Slot, Stat
 from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
-from .wsframe import Opcode, frame_header
+from .wsframe import CloseReason, frame_header
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +90,29 @@ class _Backend(asyncio.BufferedProtocol):
 
 
 class Session:
-    """State of one relayed session; the app keeps these in a set, nothing else is shared.
+    """The I/O shell of one relayed session; the app keeps these in a set, nothing else is shared.
 
-    No task runs for a session once it is open: both directions are transport callbacks."""
+    What is relayed, and how each end's failure maps to the other, is decided by the session's
+    `SessionCore`; this owns the transports, flow control, timers, counters and the log. No
+    task runs for a session once it is open: both directions are transport callbacks."""
 
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_backend",
-        "_backend_alive",
         "_buffer",
-        "_client",
         "_counted",
         "_greeting_timer",
         "_heartbeat",
         "_last_activity",
         "_on_end",
-        "_pending",
         "_reading_paused",
-        "_server",
         "_settings",
         "_started",
         "_stats",
         "_timers",
         "bytes_from_r",
         "bytes_to_r",
+        "core",
         "ended",
         "id",
         "label",
@@ -134,12 +133,10 @@ class Session:
         self.ws: ServerWebSocket | None = None
         self._on_end = on_end
         self._settings = settings
-        limit = settings.max_message_size or None
-        self._server = qap.ServerStream(settings.max_result_size or None)
-        self._client = qap.ClientStream(limit)
+        self.core = SessionCore(
+            self._write_frame, settings.max_message_size or None, settings.max_result_size or None
+        )
         self._backend: _Backend | None = None
-        self._backend_alive = False
-        self._pending: list[int] = []  # msg_ids of requests sent to R, not yet answered
         self._reading_paused = False  # reading from R paused: the browser is not keeping up
         self._heartbeat: asyncio.TimerHandle | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -148,13 +145,18 @@ class Session:
         self._started = time.monotonic()
         self._stats = settings.stats
         self._counted = False
-        self.ended = "open"
+        self.ended = ""  # why the session ended, for the log: the first reason given wins
         self.bytes_from_r = 0
         self.bytes_to_r = 0
 
     @property
+    def state(self) -> State:
+        return self.core.state
+
+    @property
     def mode(self) -> str:
-        return self._server.mode.value if self._server.mode else "-"
+        mode = self.core.mode
+        return mode.value if mode else "-"
 
     # -- the session's life ------------------------------------------------------------------
 
@@ -172,7 +174,9 @@ class Session:
                 lambda: _Backend(self, self._buffer), sock=sock
             )
         except asyncio.CancelledError:
-            self.close(1001, "forward is shutting down", ended="cancelled at shutdown")
+            self.close(
+                CloseReason.GOING_AWAY, "forward is shutting down", ended="cancelled at shutdown"
+            )
             raise
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
@@ -180,13 +184,17 @@ class Session:
                 "session %d from %s: cannot reach Rserve at %s: %s", self.id, self.label, path, why
             )
             self._stats.add(Stat.BACKEND_FAILURES)
-            self.close(1011, f"Rserve unavailable: {why}", ended="Rserve unreachable")
+            self.close(
+                CloseReason.INTERNAL_ERROR, f"Rserve unavailable: {why}", ended="Rserve unreachable"
+            )
             return
-        if ws.transport is None:  # the browser left while we connected
+        if self.core.state is not State.CONNECTING:
+            # The browser left while we connected, or R's first bytes already ended the session.
             if backend.transport is not None:
                 backend.transport.close()
             return
-        self._backend, self._backend_alive = backend, True
+        self._backend = backend
+        self.core.connected()
         self._stats.add(Stat.SESSIONS_TOTAL)
         self._stats.add(Stat.SESSIONS_OPEN)
         self._counted = True
@@ -194,13 +202,15 @@ class Session:
         self._last_activity = loop.time()
         if settings.heartbeat > 0:
             self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
-        if self._server.mode is None:  # the greeting may already be in
+        if self.core.awaiting_greeting:  # the greeting may already be in
             self._greeting_timer = loop.call_later(settings.backend_timeout, self._check_greeting)
         if settings.idle_timeout > 0:
             self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
         if settings.max_lifetime > 0:
             self._timers.append(loop.call_later(settings.max_lifetime, self._expire))
         ws.release(HOLD_CONNECTING)
+        if backend.transport is None:  # R closed before it was taken: as if it closed now
+            self.backend_lost(None)
 
     def _finish(self) -> None:
         if self._counted:
@@ -225,24 +235,30 @@ class Session:
         )
 
     def close(
-        self, code: int, reason: str, *, notice: bool = False, ended: str | None = None
+        self,
+        code: CloseReason,
+        reason: str,
+        *,
+        notice: bool = False,
+        ended: str | None = None,
     ) -> None:
         """End the session: the close handshake with the browser, and Rserve's connection
-        closed at once (nothing more can be relayed either way)."""
-        ws = self.ws
-        if ws is None or ws.closing or ws.transport is None:
-            return
-        if notice and not self._server.in_message:
-            self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
-        if self.ended == "open":
+        closed at once (nothing more can be relayed either way). With `notice`, the browser gets
+        the OOB_SEND shutdown notice first."""
+        if self.core.close(notice):
+            self._end(code, reason, ended)
+
+    def _end(self, code: CloseReason, reason: str, ended: str | None = None) -> None:
+        """Carry out a close the core has entered CLOSING for."""
+        if not self.ended:
             self.ended = ended or reason
-        ws.close(code, reason)
+        if self.ws is not None:
+            self.ws.close(code, reason)
         self._drop_backend()
 
     def _drop_backend(self) -> None:
         """Close R's connection on our side; its `connection_lost` is then ignored."""
         backend, self._backend = self._backend, None
-        self._backend_alive = False
         if backend is not None and backend.transport is not None:
             # Bytes still queued for an R that is not reading would keep the socket (and R's
             # process) past the session: drop them.
@@ -250,6 +266,12 @@ class Session:
                 backend.transport.abort()
             else:
                 backend.transport.close()
+
+    def _abort_backend(self) -> None:
+        """R is broken: drop its connection and whatever is still queued for it."""
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.transport is not None:
+            backend.transport.abort()  # its connection_lost releases HOLD_BACKEND_FULL
 
     def abort(self) -> None:
         """Drop the browser's connection without a close handshake (its end follows)."""
@@ -261,7 +283,7 @@ class Session:
     def ws_data(self, data: bytearray) -> None:
         self._to_backend(data)
 
-    def ws_error(self, code: int, reason: str) -> None:
+    def ws_error(self, code: CloseReason, reason: str) -> None:
         log.warning("session %d from %s: %s", self.id, self.label, reason)
         self.close(code, reason, ended=f"WebSocket error: {reason}")
 
@@ -279,8 +301,9 @@ class Session:
             backend.transport.resume_reading()
 
     def ws_closed(self, why: str) -> None:
-        if self.ended == "open":
+        if not self.ended:
             self.ended = why
+        self.core.closed()
         self._finish()
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
@@ -294,14 +317,15 @@ class Session:
             else:
                 ws.release(HOLD_BACKEND_FULL)
 
-    # -- browser -> Rserve -------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------
 
     def _check_greeting(self) -> None:
-        if self._server.mode is None and self._backend_alive:
-            why = f"Rserve sent no greeting within {self._settings.backend_timeout:g} s"
-            log.warning("session %d from %s: %s", self.id, self.label, why)
-            self._lose_backend()
-            self.close(1011, why)
+        self._greeting_timer = None
+        end = self.core.no_greeting(self._settings.backend_timeout)
+        if end is not None:
+            log.warning("session %d from %s: %s", self.id, self.label, end.reason)
+            self._abort_backend()
+            self._end(end.code, end.reason)
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -309,7 +333,7 @@ class Session:
         timeout = self._settings.idle_timeout
         if quiet >= timeout:
             log.info("session %d from %s: idle for %.0f s", self.id, self.label, quiet)
-            self.close(1001, f"session idle for {timeout:g} s", notice=True)
+            self.close(CloseReason.GOING_AWAY, f"session idle for {timeout:g} s", notice=True)
         else:
             self._timers = [t for t in self._timers if not t.cancelled() and t.when() > loop.time()]
             self._timers.append(loop.call_later(timeout - quiet, self._check_idle))
@@ -317,49 +341,49 @@ class Session:
     def _expire(self) -> None:
         limit = self._settings.max_lifetime
         log.info("session %d from %s: lifetime of %g s reached", self.id, self.label, limit)
-        self.close(1001, f"session lifetime of {limit:g} s reached", notice=True)
+        self.close(CloseReason.GOING_AWAY, f"session lifetime of {limit:g} s reached", notice=True)
+
+    def _beat(self) -> None:
+        self.core.heartbeat()
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            self._settings.heartbeat, self._beat
+        )
+
+    # -- browser -> Rserve -------------------------------------------------------------------
 
     def _to_backend(self, data: bytearray) -> None:
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
-        backend = self._backend if self._backend_alive else None
-        out: list[bytes | memoryview] = []
+        core = self.core
+        counted = core.messages_to_r
         try:
-            for chunk in self._client.feed(data):
-                if backend is not None:
-                    out.append(chunk.data)
-                    if chunk.first:
-                        self._stats.add(Stat.MESSAGES_TO_R)
-                        if not qap.is_response(chunk.header.cmd):
-                            self._pending.append(chunk.header.msg_id)
-                elif chunk.last:
-                    self._answer_broken(chunk.header.msg_id)
+            out = core.from_browser(data)
         except qap.QAPError as exc:
             log.warning(
                 "session %d from %s: refused browser data: %s", self.id, self.label, exc.reason
             )
-            self.close(exc.close_code, exc.reason)
+            self._end(exc.close_code, exc.reason)
             return
-        if out and backend is not None and backend.transport is not None:
-            try:
-                backend.transport.writelines(out)
-            except (OSError, RuntimeError) as exc:
-                log.warning(
-                    "session %d from %s: write to Rserve failed: %s", self.id, self.label, exc
-                )
-                if self._server.in_message:
-                    # A frame of our own inside R's fragmented message would corrupt it.
-                    self.close(1011, "write to Rserve failed in the middle of R's answer")
-                    return
-                self._write_frame(Opcode.BINARY, qap.SHUTDOWN_NOTICE)
-                self._lose_backend()
-                return
-            sent = sum(len(b) for b in out)
-            self.bytes_to_r += sent
-            self._stats.add(Stat.BYTES_TO_R, sent)
-
-    def _answer_broken(self, msg_id: int) -> None:
-        self._write_frame(Opcode.BINARY, qap.conn_broken(msg_id))
+        if not out:
+            return
+        if core.messages_to_r != counted:
+            self._stats.add(Stat.MESSAGES_TO_R, core.messages_to_r - counted)
+        backend = self._backend
+        if backend is None or backend.transport is None:
+            return
+        try:
+            backend.transport.writelines(out)
+        except (OSError, RuntimeError) as exc:
+            log.warning("session %d from %s: write to Rserve failed: %s", self.id, self.label, exc)
+            end = core.r_write_failed()
+            if end is not None:
+                self._end(end.code, end.reason)
+            else:
+                self._abort_backend()
+            return
+        sent = sum(map(len, out))
+        self.bytes_to_r += sent
+        self._stats.add(Stat.BYTES_TO_R, sent)
 
     # -- Rserve -> browser -------------------------------------------------------------------
 
@@ -368,59 +392,40 @@ class Session:
         self._stats.add(Stat.BYTES_FROM_R, len(data))
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
-        ws = self.ws
-        if ws is None or ws.closing or ws.transport is None:
-            return
+        core = self.core
+        counted = core.messages_from_r
         try:
-            for item in self._server.feed(data):
-                if isinstance(item, qap.Greeting):
-                    if self._greeting_timer is not None:
-                        self._greeting_timer.cancel()
-                        self._greeting_timer = None
-                    # One line when the session is open, at R's greeting, not two: thousands
-                    # of sessions can open per second, and each log line costs.
-                    log.info(
-                        "session %d from %s opened: Rserve in %s mode",
-                        self.id,
-                        self.label,
-                        item.mode.value,
-                    )
-                    if item.data:
-                        self._write_frame(Opcode.TEXT, item.data)
-                    continue
-                if item.first:
-                    self._stats.add(Stat.MESSAGES_FROM_R)
-                    if qap.is_response(item.header.cmd):
-                        self._answered()
-                opcode = Opcode.BINARY if item.first else Opcode.CONTINUATION
-                self._write_frame(opcode, item.data, item.last)
-        except qap.MessageTooLarge as exc:
-            reason = f"R's answer is too large: {exc.reason}"
-            log.warning("session %d from %s: %s", self.id, self.label, reason)
-            self._lose_backend()
-            self.close(exc.close_code, reason)
+            mode = core.from_r(data)
         except qap.QAPError as exc:
-            log.warning("session %d from %s: %s", self.id, self.label, exc.reason)
-            self._lose_backend()
-            self.close(exc.close_code, exc.reason)
-
-    def _answered(self) -> None:
-        if self._pending:
-            self._pending.pop()
+            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+            reason = exc.reason
+            if isinstance(exc, qap.MessageTooLarge):
+                reason = f"R's answer is too large: {reason}"
+            log.warning("session %d from %s: %s", self.id, self.label, reason)
+            self._abort_backend()
+            self._end(exc.close_code, reason)
+            return
+        if core.messages_from_r != counted:
+            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+        if mode is not None:
+            if self._greeting_timer is not None:
+                self._greeting_timer.cancel()
+                self._greeting_timer = None
+            # One line when the session is open, at R's greeting, not two: thousands of
+            # sessions can open per second, and each log line costs.
+            log.info(
+                "session %d from %s opened: Rserve in %s mode", self.id, self.label, mode.value
+            )
 
     def backend_lost(self, exc: Exception | None) -> None:
-        self._backend_alive = False
         if self._backend is None:
-            return  # we closed it ourselves
-        if self._server.mode is None:
-            why = "Rserve closed the connection before its greeting"
-        elif self._server.in_message:
-            why = "Rserve closed the connection in the middle of a message"
-        else:
-            why = ""
-        if why:
-            log.warning("session %d from %s: %s", self.id, self.label, why)
-            self.close(1011, why)
+            return  # we dropped it ourselves (or `start` has not taken it yet, and will look)
+        self._backend = None
+        pending = len(self.core.pending)
+        end = self.core.r_lost()
+        if end is not None:
+            log.warning("session %d from %s: %s", self.id, self.label, end.reason)
+            self._end(end.code, end.reason)
             return
         log.info(
             "session %d from %s: Rserve closed the session%s; answering %d pending "
@@ -428,24 +433,19 @@ class Session:
             self.id,
             self.label,
             f" ({exc})" if exc else "",
-            len(self._pending),
+            pending,
         )
-        self._lose_backend()
-
-    def _lose_backend(self) -> None:
-        self._backend_alive = False
-        backend = self._backend
-        if backend is not None and backend.transport is not None:
-            backend.transport.abort()  # its connection_lost releases HOLD_BACKEND_FULL
-        # Newest first: nested OCAP calls unwind like a stack.
-        while self._pending:
-            self._answer_broken(self._pending.pop())
 
     # -- frames ------------------------------------------------------------------------------
 
     def _write_frame(self, opcode: int, data: bytes | memoryview, fin: bool = True) -> None:
+        # The core sends nothing once the session is closing; a browser that is closing the
+        # connection itself has a closing transport, which `ws.write` leaves alone.
         ws = self.ws
-        if ws is None or ws.closing or ws.transport is None:
+        if ws is None:
+            return
+        transport = ws.transport
+        if transport is None:
             return
         head = frame_header(opcode, fin, len(data))
         if len(data) <= _JOIN_LIMIT:
@@ -454,22 +454,12 @@ class Session:
         # `data` may be a view of the shared read buffer. A transport that cannot send it all at
         # once keeps the view: then the next read must go to a new buffer. Once data is queued,
         # further chunks are copied, so a stalled browser holds its bytes, not whole buffers.
-        transport = ws.transport
         if transport.get_write_buffer_size() > 0:
             ws.writelines((head, bytes(data)))
             return
         ws.writelines((head, data))
         if transport.get_write_buffer_size() > 0:
             self._buffer.renew()
-
-    def _beat(self) -> None:
-        # Only between messages: a data frame inside a fragmented message would corrupt it, and a
-        # message in flight keeps proxies from timing out anyway.
-        if not self._server.in_message and self._backend_alive:
-            self._write_frame(Opcode.BINARY, qap.IDLE_MESSAGE)
-        self._heartbeat = asyncio.get_running_loop().call_later(
-            self._settings.heartbeat, self._beat
-        )
 
 
 async def connect_unix(path: str, deadline: float | None = None) -> socket.socket:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import hdrs, web
 
 from . import aiohttp_private, wsframe
-from .wsframe import Close, Opcode, Ping, ProtocolError
+from .wsframe import Close, CloseReason, Opcode, Ping, ProtocolError
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -48,7 +48,7 @@ class Handler(Protocol):
     def ws_data(self, data: bytearray) -> None: ...
 
     # The browser broke the protocol; the WebSocket closes with `code` right after this.
-    def ws_error(self, code: int, reason: str) -> None: ...
+    def ws_error(self, code: CloseReason, reason: str) -> None: ...
     def ws_pause_writing(self) -> None: ...
     def ws_resume_writing(self) -> None: ...
     def ws_closed(self, why: str) -> None: ...
@@ -293,7 +293,7 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         if held and not self._holds and self.transport is not None:
             self.transport.resume_reading()
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: CloseReason, reason: str) -> None:
         """Start the close handshake: no data is relayed from here on; the connection ends when
         the browser answers, or after CLOSE_TIMEOUT."""
         if self.closing or self.transport is None:
@@ -315,8 +315,8 @@ class ServerWebSocket(asyncio.BufferedProtocol):
     def _closed_by_browser(self, event: Close) -> None:
         if not self.closing:
             self.closing = True
-            self._why = f"browser closed ({event.code or 1005})"
-            self.write(wsframe.close_frame(event.code or 1000))
+            self._why = f"browser closed ({event.code or int(CloseReason.NO_STATUS_RCVD)})"
+            self.write(wsframe.close_frame(event.code or CloseReason.NORMAL_CLOSURE))
         # The server ends the TCP connection (RFC 6455 section 7.1.1).
         if self.transport is not None:
             self.transport.close()

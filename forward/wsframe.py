@@ -50,6 +50,26 @@ class Opcode(enum.IntEnum):
     PONG = 0xA
 
 
+class CloseReason(enum.IntEnum):
+    """WebSocket close codes (RFC 6455 section 7.4.1; 1012-1014 registered with IANA since)."""
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001  # forward shuts down, or the session's idle time or lifetime is over
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS_RCVD = 1005  # reported when a close frame has no code; never sent
+    ABNORMAL_CLOSURE = 1006  # reported only, never sent
+    INVALID_FRAME_PAYLOAD_DATA = 1007  # text that is not UTF-8
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXT = 1010
+    INTERNAL_ERROR = 1011  # Rserve unreachable, silent, or broken
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013  # refused at admission: at capacity, too many from one client
+    BAD_GATEWAY = 1014
+    TLS_HANDSHAKE_FAILED = 1015  # reported only, never sent
+
+
 def frame_header(opcode: int, fin: bool, length: int) -> bytes:
     first = (0x80 if fin else 0) | opcode
     if length < 126:
@@ -78,7 +98,7 @@ def close_frame(code: int, reason: str = "") -> bytes:
 class ProtocolError(Exception):
     """The browser broke RFC 6455: close with `code` and `reason`."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: CloseReason, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -103,9 +123,13 @@ class Close:
 # Data payloads are plain bytearrays: the common case stays a type check, not an attribute.
 Event = bytearray | Ping | Pong | Close
 
-# Close codes a peer may send (RFC 6455 section 7.4): 1004-1006 and 1015 are reserved for
-# reporting and never go on the wire; 1012-1014 are registered since.
-_SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+# Close codes a peer may send: 1004-1006 and 1015 are reserved for reporting and never go on
+# the wire.
+_SENDABLE = frozenset(CloseReason) - {
+    CloseReason.NO_STATUS_RCVD,
+    CloseReason.ABNORMAL_CLOSURE,
+    CloseReason.TLS_HANDSHAKE_FAILED,
+}
 
 
 def _valid_close_code(code: int) -> bool:
@@ -193,9 +217,11 @@ class FrameParser:
         b0 = buf[pos]
         b1 = buf[pos + 1]
         if b0 & 0x70:
-            raise ProtocolError(1002, "reserved bits set (no extension was negotiated)")
+            raise ProtocolError(
+                CloseReason.PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)"
+            )
         if not b1 & 0x80:
-            raise ProtocolError(1002, "frame from the browser is not masked")
+            raise ProtocolError(CloseReason.PROTOCOL_ERROR, "frame from the browser is not masked")
         opcode = b0 & 0x0F
         length = b1 & 0x7F
         size = 6
@@ -210,28 +236,34 @@ class FrameParser:
                 return None
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length >> 63:
-                raise ProtocolError(1002, "frame length out of range")
+                raise ProtocolError(CloseReason.PROTOCOL_ERROR, "frame length out of range")
         if end - pos < size:
             return None
         fin = bool(b0 & 0x80)
         if opcode >= 8:
             if opcode > Opcode.PONG:
-                raise ProtocolError(1002, f"unknown opcode {opcode}")
+                raise ProtocolError(CloseReason.PROTOCOL_ERROR, f"unknown opcode {opcode}")
             if not fin:
-                raise ProtocolError(1002, "fragmented control frame")
+                raise ProtocolError(CloseReason.PROTOCOL_ERROR, "fragmented control frame")
             if length > 125:
-                raise ProtocolError(1002, "control frame longer than 125 bytes")
+                raise ProtocolError(
+                    CloseReason.PROTOCOL_ERROR, "control frame longer than 125 bytes"
+                )
         elif opcode > Opcode.BINARY:
-            raise ProtocolError(1002, f"unknown opcode {opcode}")
+            raise ProtocolError(CloseReason.PROTOCOL_ERROR, f"unknown opcode {opcode}")
         return fin, opcode, length, size
 
     def _begin(self, fin: bool, opcode: int, length: int, mask: bytes) -> None:
         if opcode == Opcode.CONTINUATION:
             if not self._in_message:
-                raise ProtocolError(1002, "continuation frame outside a message")
+                raise ProtocolError(
+                    CloseReason.PROTOCOL_ERROR, "continuation frame outside a message"
+                )
         else:
             if self._in_message:
-                raise ProtocolError(1002, "new message before the previous one ended")
+                raise ProtocolError(
+                    CloseReason.PROTOCOL_ERROR, "new message before the previous one ended"
+                )
             self._text = codecs.getincrementaldecoder("utf-8")() if opcode == Opcode.TEXT else None
         self._in_message = True
         self._fin = fin
@@ -250,7 +282,9 @@ class FrameParser:
         try:
             self._text.decode(payload, final)
         except UnicodeDecodeError:
-            raise ProtocolError(1007, "text message is not valid UTF-8") from None
+            raise ProtocolError(
+                CloseReason.INVALID_FRAME_PAYLOAD_DATA, "text message is not valid UTF-8"
+            ) from None
         if final:
             self._text = None
 
@@ -263,12 +297,14 @@ class FrameParser:
         if not payload:
             return Close(None, "")
         if len(payload) == 1:
-            raise ProtocolError(1002, "close frame with a 1-byte payload")
+            raise ProtocolError(CloseReason.PROTOCOL_ERROR, "close frame with a 1-byte payload")
         code = _CODE.unpack_from(payload)[0]
         if not _valid_close_code(code):
-            raise ProtocolError(1002, f"invalid close code {code}")
+            raise ProtocolError(CloseReason.PROTOCOL_ERROR, f"invalid close code {code}")
         try:
             reason = payload[2:].decode()
         except UnicodeDecodeError:
-            raise ProtocolError(1007, "close reason is not valid UTF-8") from None
+            raise ProtocolError(
+                CloseReason.INVALID_FRAME_PAYLOAD_DATA, "close reason is not valid UTF-8"
+            ) from None
         return Close(code, reason)
