@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from aiohttp import hdrs, web
 
-from . import accesslog, health, tls, wsconn
+from . import accesslog, health, resume, tls, wsconn
 from .aiohttp_private import WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
@@ -36,7 +36,8 @@ from .guard import (
 )
 from .listeners import bind_listeners, show_address
 from .relay import RelaySettings, Session
-from .stats import Stats
+from .resumable import ResumableSession
+from .stats import Stat, Stats
 from .wsframe import CloseReason
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Sessions(set[Session]):
 
 
 SESSIONS = web.AppKey("sessions", Sessions)
+# Resumable sessions by the name in their ticket, live and parked; shared by -p and -w.
+RESUMABLE = web.AppKey("resumable", dict[str, ResumableSession])
 RELAY = web.AppKey("relay", RelaySettings)
 LISTENER = web.AppKey("listener", str)
 POLICY = web.AppKey("client_policy", tls.ClientPolicy)
@@ -104,7 +107,19 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], refused.reason)
         # The browser never shows this body; the log line above says what to change.
         raise web.HTTPForbidden(text="Forbidden: this page's origin is not allowed.\n") from None
-    answer = wsconn.handshake(request)
+    relay = app[RELAY]
+    offered = wsconn.subprotocols(request)
+    offer = resume.parse_offer(offered)
+    if offer.resume and relay.resume_grace > 0:
+        answer = wsconn.handshake(request, resume.PROTOCOL)
+        if offer.resuming:
+            return await _resume_session(request, client, offer, answer)
+    else:
+        # A ticket is never echoed; otherwise the first offer, as always.
+        plain = [p for p in offered if not p.startswith(resume.TICKET_PREFIX)]
+        answer = wsconn.handshake(request, plain[0] if plain else "")
+        offer = resume.Offer(False)
+    subject = _verified_subject(request) if offer.resume else None  # before the take-over
     refusal = None
     try:
         guard.admit(client)
@@ -121,23 +136,96 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         return wsconn.Detached()
     from_browser, from_r = app[BUFFERS]
     if refusal is not None:
-        ws = wsconn.ServerWebSocket(transport, _Refused(), from_browser)
+        ws = wsconn.ServerWebSocket(transport, wsconn.NullHandler(), from_browser)
         ws.start(tail)
         ws.close(CloseReason.TRY_AGAIN_LATER, refusal)
         return wsconn.Detached()
     sessions = app[SESSIONS]
-
-    def end(session: Session) -> None:
-        sessions.discard(session)
-        guard.release(client)
-
     label = f"{client} on {app[LISTENER]}"
-    session = Session(app[RELAY], label, from_r, sessions.next_id(), end)
-    session.ws = ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING])
-    sessions.add(session)
-    ws.start(tail, wsconn.HOLD_CONNECTING)
+    session: Session
+    if offer.resume:
+        registry = app[RESUMABLE]
+
+        def end_resumable(session: Session) -> None:
+            sessions.discard(session)
+            assert isinstance(session, ResumableSession)
+            guard.release(session.client)
+
+        session = resumable = ResumableSession(
+            relay,
+            label,
+            from_r,
+            sessions.next_id(),
+            end_resumable,
+            registry,
+            client,
+            subject,
+        )
+        ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING], split_text=True)
+        session.ws = ws
+        sessions.add(session)
+        ws.start(tail, wsconn.HOLD_CONNECTING)
+        resumable.hello()
+    else:
+
+        def end(session: Session) -> None:
+            sessions.discard(session)
+            guard.release(client)
+
+        session = Session(relay, label, from_r, sessions.next_id(), end)
+        session.ws = ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING])
+        sessions.add(session)
+        ws.start(tail, wsconn.HOLD_CONNECTING)
     await session.start()
     return wsconn.Detached()
+
+
+async def _resume_session(
+    request: web.Request, client: str, offer: resume.Offer, answer: bytes
+) -> web.StreamResponse:
+    """A client presenting a ticket: its session carries on over this connection, or the
+    connection is closed with the code that tells the client why not (docs/resume.md). R is
+    never reached for a refused one."""
+    app = request.app
+    guard = app[GUARD]
+    session = app[RESUMABLE].get(offer.key or "")
+    failure: tuple[int, str] | None = None
+    if session is None:
+        failure = (resume.ResumeClose.GONE, "unknown, expired or used ticket")
+    else:
+        try:
+            session.check_resume(offer.secret or "", _verified_subject(request), offer.received)
+            guard.move(session.client, client)
+        except resume.ResumeError as exc:
+            failure = (exc.code, exc.reason)
+        except Refused as refused:
+            failure = (CloseReason.TRY_AGAIN_LATER, f"{refused.reason}; try again later")
+    try:
+        transport, tail = wsconn.take_over(request, answer)
+    except ConnectionResetError:
+        if failure is None and session is not None:
+            guard.move(client, session.client)
+        return wsconn.Detached()
+    from_browser, _ = app[BUFFERS]
+    if failure is not None or session is None:
+        code, reason = failure or (resume.ResumeClose.GONE, "no session")
+        app[RELAY].stats.add(Stat.RESUMES_REFUSED)
+        log.warning("refused resume from %s on %s: %s", client, app[LISTENER], reason)
+        ws = wsconn.ServerWebSocket(transport, wsconn.NullHandler(), from_browser)
+        ws.start(tail)
+        ws.close(code, reason)
+        return wsconn.Detached()
+    ws = wsconn.ServerWebSocket(transport, session, from_browser, app[WS_PING], split_text=True)
+    session.resume_on(ws, tail, offer.received, f"{client} on {app[LISTENER]}", client)
+    return wsconn.Detached()
+
+
+def _verified_subject(request: web.Request) -> str | None:
+    """The subject of the client certificate verified in the TLS handshake, if there is one."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    return tls.subject_text(cert) if cert else None
 
 
 def guard_authority(request: web.Request, guard: Guard) -> Authority | None:
@@ -146,25 +234,6 @@ def guard_authority(request: web.Request, guard: Guard) -> Authority | None:
     return browser_authority(
         request.headers.get(hdrs.HOST), request.secure, request.headers if trusted else None
     )
-
-
-class _Refused:
-    """The handler of a WebSocket that is only closed again (with a reason)."""
-
-    def ws_data(self, data: bytearray) -> None:
-        pass
-
-    def ws_error(self, code: int, reason: str) -> None:
-        pass
-
-    def ws_pause_writing(self) -> None:
-        pass
-
-    def ws_resume_writing(self) -> None:
-        pass
-
-    def ws_closed(self, why: str) -> None:
-        pass
 
 
 @web.middleware
@@ -267,6 +336,7 @@ def build_app(
     ws_ping: float = 0.0,
     config: Config | None = None,
     buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None,
+    resumable: dict[str, ResumableSession] | None = None,
 ) -> web.Application:
     guard = guard or Guard(GuardSettings())
     middlewares = [ip_rules] if guard.settings.ip_rules else []
@@ -281,6 +351,7 @@ def build_app(
             app.on_response_prepare.append(hsts(config.hsts))
     app[RELAY] = relay
     app[SESSIONS] = sessions
+    app[RESUMABLE] = resumable if resumable is not None else {}
     if buffers is not None:
         app[BUFFERS] = buffers
     app[LISTENER] = listener
@@ -297,6 +368,7 @@ class Server:
     ssl_context: ssl.SSLContext | tls.ContextSource | None = None
     http_handler: Handler = not_found
     sessions: Sessions = field(default_factory=Sessions)
+    resumable: dict[str, ResumableSession] = field(default_factory=dict)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
     # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
     stats: Stats = field(default_factory=Stats)
@@ -312,6 +384,8 @@ class Server:
             c.max_result_size,
             c.idle_timeout,
             c.max_lifetime,
+            c.resume_grace,
+            c.resume_buffer,
             self.stats.slot(self.row),
         )
 
@@ -343,11 +417,17 @@ class Server:
         if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
             apps["http"] = build_app(
-                relay, self.sessions, "http", entry, guard, c.ws_ping, config=c, buffers=buffers
+                *(relay, self.sessions, "http", entry, guard, c.ws_ping),
+                config=c,
+                buffers=buffers,
+                resumable=self.resumable,
             )
         if c.ws_port > 0:
             apps["ws"] = build_app(
-                relay, self.sessions, "ws", ws_only, guard, c.ws_ping, config=c, buffers=buffers
+                *(relay, self.sessions, "ws", ws_only, guard, c.ws_ping),
+                config=c,
+                buffers=buffers,
+                resumable=self.resumable,
             )
         if c.redirect_port > 0:
             apps["redirect"] = build_app(

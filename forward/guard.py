@@ -430,6 +430,19 @@ class Guard:
         self.open += 1
         self.by_client[client] += 1
 
+    def move(self, old: str, new: str) -> None:
+        """A session resumed from another address: count it there (the per-client cap
+        applies), no longer at `old`."""
+        if old == new:
+            return
+        s = self.settings
+        if s.max_sessions_per_client and self.by_client[new] >= s.max_sessions_per_client:
+            raise Refused(503, f"too many sessions from {new}")
+        self.by_client[new] += 1
+        self.by_client[old] -= 1
+        if self.by_client[old] <= 0:
+            del self.by_client[old]
+
     def release(self, client: str) -> None:
         self.open -= 1
         self.by_client[client] -= 1

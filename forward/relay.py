@@ -47,6 +47,10 @@ class RelaySettings:
     max_result_size: int = 0
     idle_timeout: float = 0.0
     max_lifetime: float = 0.0
+    # Session resume (resumable.py): seconds a broken session stays parked (0: no resume), and
+    # the bytes of R's stream kept until the client acknowledges them.
+    resume_grace: float = 0.0
+    resume_buffer: int = 1024 * 1024
     # Where the session's counters go (/metrics); a private row when nobody reads them.
     stats: Slot = field(default_factory=Slot.private)
 
@@ -282,6 +286,9 @@ class Session:
 
     def ws_data(self, data: bytearray) -> None:
         self._to_backend(data)
+
+    def ws_text(self, data: bytearray, final: bool) -> None:
+        self._to_backend(data)  # text is QAP bytes too (never split off for a plain session)
 
     def ws_error(self, code: CloseReason, reason: str) -> None:
         log.warning("session %d from %s: %s", self.id, self.label, reason)

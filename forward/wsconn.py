@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import hdrs, web
 
 from . import aiohttp_private, wsframe
-from .wsframe import Close, CloseReason, Opcode, Ping, ProtocolError
+from .wsframe import Close, CloseReason, Opcode, Ping, ProtocolError, Text
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -47,6 +47,9 @@ HOLD_BROWSER_FULL = 4
 class Handler(Protocol):
     def ws_data(self, data: bytearray) -> None: ...
 
+    # A piece of a text message; only for a WebSocket started with `split_text`.
+    def ws_text(self, data: bytearray, final: bool) -> None: ...
+
     # The browser broke the protocol; the WebSocket closes with `code` right after this.
     def ws_error(self, code: CloseReason, reason: str) -> None: ...
     def ws_pause_writing(self) -> None: ...
@@ -54,10 +57,11 @@ class Handler(Protocol):
     def ws_closed(self, why: str) -> None: ...
 
 
-def handshake(request: web.Request) -> bytes:
+def handshake(request: web.Request, protocol: str | None = None) -> bytes:
     """The 101 answer to a WebSocket upgrade request (RFC 6455 section 4.2), or an HTTP error.
 
-    The answer names the first subprotocol the browser offered, like the C forward; no
+    The answer names `protocol`, by default the first subprotocol the browser offered, like the
+    C forward (a browser that offered some fails a handshake that names none); no
     extension is accepted (permessage-deflate would cost CPU and memory on every session and
     QAP payloads are mostly binary)."""
     headers = request.headers
@@ -81,7 +85,8 @@ def handshake(request: web.Request) -> bytes:
         b"Connection: Upgrade",
         b"Sec-WebSocket-Accept: " + accept,
     ]
-    protocol = first_subprotocol(request)
+    if protocol is None:
+        protocol = first_subprotocol(request)
     if protocol:
         if not set(protocol) <= _TOKEN_CHARS:
             raise web.HTTPBadRequest(text="Bad WebSocket handshake: invalid subprotocol name.\n")
@@ -93,6 +98,38 @@ def handshake(request: web.Request) -> bytes:
 def first_subprotocol(request: web.Request) -> str:
     offered = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "")
     return offered.split(",", 1)[0].strip()
+
+
+def subprotocols(request: web.Request) -> list[str]:
+    """Every subprotocol offered, in order (the header may also be repeated)."""
+    return [
+        p.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for p in value.split(",")
+        if p.strip()
+    ]
+
+
+class NullHandler:
+    """The handler of a WebSocket that is only closed (refused, or retired from its session)."""
+
+    def ws_data(self, data: bytearray) -> None:
+        pass
+
+    def ws_text(self, data: bytearray, final: bool) -> None:
+        pass
+
+    def ws_error(self, code: CloseReason, reason: str) -> None:
+        pass
+
+    def ws_pause_writing(self) -> None:
+        pass
+
+    def ws_resume_writing(self) -> None:
+        pass
+
+    def ws_closed(self, why: str) -> None:
+        pass
 
 
 class Detached(web.StreamResponse):
@@ -158,6 +195,7 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         "_rbuf",
         "_why",
         "closing",
+        "peer_closed",
         "transport",
     )
 
@@ -167,11 +205,13 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         handler: Handler,
         buffer: ReadBuffer,
         ping_interval: float = 0.0,
+        split_text: bool = False,
     ) -> None:
         self.transport: asyncio.Transport | None = transport
         self._rbuf = buffer  # shared: nothing here may keep a view of it after a callback
         self._handler = handler
-        self._parser = wsframe.FrameParser()
+        self._parser = wsframe.FrameParser(split_text=split_text)
+        self.peer_closed = False  # the browser sent a close frame: it ended the connection
         self._holds = 0
         self._held_data = b""  # what arrived while HOLD_CONNECTING: handled on release
         self.closing = False  # a close frame has been sent: no more data either way
@@ -232,6 +272,9 @@ class ServerWebSocket(asyncio.BufferedProtocol):
             elif isinstance(event, Ping):
                 if not self.closing:
                     self.write(wsframe.control_frame(Opcode.PONG, event.payload))
+            elif isinstance(event, Text):
+                if not self.closing:
+                    handler.ws_text(event.payload, event.final)
             elif isinstance(event, Close):
                 self._closed_by_browser(event)
                 return
@@ -293,7 +336,7 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         if held and not self._holds and self.transport is not None:
             self.transport.resume_reading()
 
-    def close(self, code: CloseReason, reason: str) -> None:
+    def close(self, code: int, reason: str) -> None:
         """Start the close handshake: no data is relayed from here on; the connection ends when
         the browser answers, or after CLOSE_TIMEOUT."""
         if self.closing or self.transport is None:
@@ -310,9 +353,16 @@ class ServerWebSocket(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def retire(self, code: int, reason: str) -> None:
+        """Close this connection for a session that has moved to another one: nothing more of
+        it reaches the session, not even its end."""
+        self._handler = NullHandler()
+        self.close(code, reason)
+
     # -- internals ---------------------------------------------------------------------------
 
     def _closed_by_browser(self, event: Close) -> None:
+        self.peer_closed = True
         if not self.closing:
             self.closing = True
             self._why = f"browser closed ({event.code or int(CloseReason.NO_STATUS_RCVD)})"

@@ -120,8 +120,17 @@ class Close:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A piece of a text message, for parsers asked to keep text apart (`split_text`); `final`
+    marks the piece that ends the message."""
+
+    payload: bytearray
+    final: bool
+
+
 # Data payloads are plain bytearrays: the common case stays a type check, not an attribute.
-Event = bytearray | Ping | Pong | Close
+Event = bytearray | Ping | Pong | Close | Text
 
 # Close codes a peer may send: 1004-1006 and 1015 are reserved for reporting and never go on
 # the wire.
@@ -147,10 +156,13 @@ class FrameParser:
         "_mask_xor",
         "_offset",
         "_remaining",
+        "_split_text",
         "_text",
     )
 
-    def __init__(self, mask: Callable[[bytes, bytearray], None] | None = None) -> None:
+    def __init__(
+        self, mask: Callable[[bytes, bytearray], None] | None = None, split_text: bool = False
+    ) -> None:
         self._mask_xor = mask or _find_mask()
         self._buf = b""  # a partial frame header or control frame
         self._remaining = 0  # payload bytes still to come in the current data frame
@@ -160,6 +172,9 @@ class FrameParser:
         self._in_message = False  # between the first and the FIN frame of a data message
         # UTF-8 check of the text message being received (None: binary or no message).
         self._text: codecs.IncrementalDecoder | None = None
+        # Text payloads as `Text` events (a resumable session's control messages) rather than
+        # as data, which is what they are otherwise: bytes of the QAP stream, as in the C forward.
+        self._split_text = split_text
 
     @property
     def in_frame(self) -> bool:
@@ -182,7 +197,13 @@ class FrameParser:
                 self._unmask(payload)
                 self._remaining -= take
                 if self._text is not None:
-                    self._check_text(payload, final=self._fin and not self._remaining)
+                    final = self._fin and not self._remaining
+                    self._check_text(payload, final=final)
+                    if self._split_text:
+                        events.append(Text(payload, final))
+                        if final:
+                            self._in_message = False
+                        continue
                 events.append(payload)
                 if not self._remaining and self._fin:
                     self._in_message = False
@@ -206,6 +227,8 @@ class FrameParser:
             if length == 0 and fin:
                 if self._text is not None:
                     self._check_text(bytearray(), final=True)
+                    if self._split_text:
+                        events.append(Text(bytearray(), True))
                 self._in_message = False
         return events
 

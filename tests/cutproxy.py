@@ -16,7 +16,7 @@ UP = "up"  # client -> server
 DOWN = "down"  # server -> client
 
 
-@dataclass
+@dataclass(eq=False)
 class _Link:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter

@@ -87,7 +87,9 @@ class ResumeClient:
             code = ws.close_code
             await ws.close()
             self.ws = None
-            raise Gone(code, f"no control message first: {first.type!r} {first.extra!r}")
+            if first.type is aiohttp.WSMsgType.CLOSE and code is not None and code >= 4000:
+                raise Gone(code, f"refused: {first.extra!r}")
+            raise ConnectionError(f"no control message first: {first.type!r} {first.extra!r}")
         control = json.loads(first.data)
         self.controls.append(control)
         self.ticket, self.window, self.grace = (
@@ -124,9 +126,10 @@ class ResumeClient:
                 await reader
         ws, self.ws = self.ws, None
         if ws is not None and not ws.closed:
-            transport = ws._response.connection.transport if ws._response.connection else None
-            if transport is not None:
-                transport.abort()
+            connection = ws._response.connection
+            if connection is not None and connection.transport is not None:
+                connection.transport.abort()  # a cut: no close frame
+            ws._response.close()  # and aiohttp lets go of the connection
 
     async def close(self) -> None:
         """A clean close: the session ends."""
