@@ -382,9 +382,10 @@ class ForwardProcess:
 StartCli = Callable[..., Awaitable[ForwardProcess]]
 
 
-def _default_sigint(then: Callable[[], object] | None) -> Callable[[], None]:
-    """For the child: SIGINT back to its default. A shell starts a background job (pytest run
-    with `&`) with SIGINT ignored, and every child would inherit that."""
+def default_sigint(then: Callable[[], object] | None = None) -> Callable[[], None]:
+    """A `preexec_fn` that puts SIGINT back to its default in the child (then calls `then`). A
+    shell starts a background job (`pytest ... &`) with SIGINT ignored, every child inherits
+    that, and a shell script cannot trap a signal that was ignored when it started."""
 
     def preexec() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -434,7 +435,7 @@ async def forward_cli(tmp_path: Path) -> AsyncIterator[StartCli]:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=_default_sigint(preexec_fn),
+                preexec_fn=default_sigint(preexec_fn),
             )
             assert proc.stderr is not None
             fwd = ForwardProcess(proc, chosen, tmp_path / f"forward-{len(started)}.log")
