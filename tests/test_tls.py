@@ -15,6 +15,7 @@ import shutil
 import signal
 import ssl
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -281,8 +282,10 @@ def startup_cases(pki: PKI) -> list[tuple[list[str], str]]:
 
 
 def test_startup_errors(pki: PKI) -> None:
-    for args, message in startup_cases(pki):
-        status, stderr = run_cli(*args)
+    cases = startup_cases(pki)
+    with ThreadPoolExecutor(8) as pool:  # each is a Python start-up: side by side, not in turn
+        results = list(pool.map(lambda case: run_cli(*case[0]), cases))
+    for (args, message), (status, stderr) in zip(cases, results, strict=True):
         assert status != 0, args
         assert message in stderr, (args, stderr)
         assert stderr.count("\n") == 1, stderr  # one line, no traceback
