@@ -42,7 +42,8 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
-pytestmark = pytest.mark.rserve
+# slow: every test here drives a real Chromium (with test_layouts.py, about 35 s in all).
+pytestmark = [pytest.mark.rserve, pytest.mark.slow]
 
 
 def need_browser() -> Any:

@@ -12,12 +12,15 @@ import resource
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from forward.qap import Cmd, Header
 from forward.relay import Session
 
 from .conftest import StartForward
 from .fakes import FakeRserve
+
+pytestmark = pytest.mark.slow  # 1500 sessions in waves: over ten seconds
 
 SESSIONS = 1500
 WAVE = 150
