@@ -286,6 +286,28 @@ def run_forward(
     )
 
 
+RunMain = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def forward_main(capsys: pytest.CaptureFixture[str]) -> RunMain:
+    """As `run_forward`, but `forward.cli.main` in this process, without a Python start-up each
+    (half a second): only for what ends before serving (help, a bad command line or
+    configuration, --check-config). Exit status and output are what the command gives."""
+    from forward.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse: -h and bad flags
+            status = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["forward", *args], status, out, err)
+
+    return run
+
+
 async def eventually(
     condition: Callable[[], object], within: float = 10, what: str | None = None
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
 
-from .conftest import Rserve, StartCli, run_forward
+from .conftest import Rserve, RunMain, StartCli, run_forward
 from .rclient import RClient
 
 
@@ -90,8 +90,10 @@ def test_help_exits_zero_with_usage() -> None:
         (["--heartbeat", "-5"], "--heartbeat must be 0"),
     ],
 )
-def test_bad_command_lines_fail_with_one_line(args: list[str], message: str) -> None:
-    out = run_forward(*args)
+def test_bad_command_lines_fail_with_one_line(
+    args: list[str], message: str, forward_main: RunMain
+) -> None:
+    out = forward_main(*args)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
