@@ -481,4 +481,9 @@ async def forward_cli(tmp_path: Path) -> AsyncIterator[StartCli]:
     for fwd in started:
         if fwd.proc.returncode is None:
             fwd.proc.terminate()
-        await fwd.wait()
+        try:
+            await fwd.wait()
+        except TimeoutError:
+            fwd.proc.kill()
+            await fwd.wait()
+            raise AssertionError(f"forward did not stop at SIGTERM:\n{fwd.log()}") from None
