@@ -267,79 +267,223 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return pki
 
 
+FORWARD = (sys.executable, "-m", "forward")  # the command line users run
+
+
+def run_forward(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`forward ARGS` run to its end, for what happens before it serves (help, one-line errors,
+    start-up failures): its exit status and output."""
+    return subprocess.run(
+        [*FORWARD, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+RunMain = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def forward_main(capsys: pytest.CaptureFixture[str]) -> RunMain:
+    """As `run_forward`, but `forward.cli.main` in this process, without a Python start-up each
+    (half a second): only for what ends before serving (help, a bad command line or
+    configuration, --check-config). Exit status and output are what the command gives."""
+    from forward.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse: -h and bad flags
+            status = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["forward", *args], status, out, err)
+
+    return run
+
+
+async def eventually(
+    condition: Callable[[], object], within: float = 10, what: str | None = None
+) -> None:
+    """Wait for `condition()` to be true, for state that has no event to await (a counter, a
+    flag of a transport, a process table): checked at once, then after 5 ms, doubling to 100 ms.
+    Fails with `what` (or the condition's name) once `within` seconds have passed."""
+    deadline = asyncio.get_running_loop().time() + within
+    delay = 0.005
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {within} s: {what or condition.__name__}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class ForwardExited(AssertionError):
+    """forward ended, or stayed silent, before logging what a test waited for."""
+
+
 @dataclass
 class ForwardProcess:
-    """forward started as users start it (`python -m forward ...`), with its stderr kept."""
+    """forward started as users start it (`python -m forward ...`), its stderr copied to a file
+    and read as it comes: `expect()` waits for a line, `log()` is everything so far."""
 
     proc: asyncio.subprocess.Process
-    ports: dict[str, int]  # flag ("-p", "-w", ...) -> the port it was given
+    ports: dict[str, int]  # flag ("-p", "-w", "--admin-port", ...) -> the port it was given
     log_path: Path
+    _lines: list[str] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _ended: bool = False
+    _cursor: int = 0
+    _copier: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return "".join(self._lines)
 
-    def url(self, scheme: str, flag: str = "-p", path: str = "/") -> str:
+    def url(self, scheme: str = "ws", flag: str = "-p", path: str = "/") -> str:
         return f"{scheme}://127.0.0.1:{self.ports[flag]}{path}"
+
+    async def expect(self, text: str, within: float = 30) -> str:
+        """The next line, after the one the previous `expect` found, that contains `text`."""
+        try:
+            async with asyncio.timeout(within), self._changed:
+                while True:
+                    for i in range(self._cursor, len(self._lines)):
+                        if text in self._lines[i]:
+                            self._cursor = i + 1
+                            return self._lines[i]
+                    if self._ended:
+                        break
+                    await self._changed.wait()
+        except TimeoutError:
+            raise ForwardExited(
+                f"forward did not log {text!r} within {within} s:\n{self.log()}"
+            ) from None
+        raise ForwardExited(
+            f"forward exited ({self.proc.returncode}) before logging {text!r}:\n{self.log()}"
+        )
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, within: float = 30) -> int:
+        """forward's exit status, once it has ended and its stderr is all read."""
+        async with asyncio.timeout(within):
+            status = await self.proc.wait()
+            if self._copier is not None:
+                await self._copier
+        return status
+
+    async def stop(self, sig: int = signal.SIGTERM, within: float = 30) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await self.wait(within)
+
+    async def _copy(self, stream: asyncio.StreamReader) -> None:
+        with self.log_path.open("ab") as out:
+            while line := await stream.readline():
+                out.write(line)
+                out.flush()
+                async with self._changed:
+                    self._lines.append(line.decode(errors="replace"))
+                    self._changed.notify_all()
+        await self.proc.wait()
+        async with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
 
 StartCli = Callable[..., Awaitable[ForwardProcess]]
 
 
-async def _copy_lines(
-    stream: asyncio.StreamReader, path: Path, listening: list[str], ready: asyncio.Event, need: int
-) -> None:
-    """forward's stderr into `path`; `ready` once `need` listeners are up, or at its exit."""
-    with path.open("ab") as out:
-        while line := await stream.readline():
-            out.write(line)
-            out.flush()
-            if b"listening on" in line:
-                listening.append(line.decode(errors="replace"))
-                if len(listening) >= need:
-                    ready.set()
-    ready.set()
+def default_sigint(then: Callable[[], object] | None = None) -> Callable[[], None]:
+    """A `preexec_fn` that puts SIGINT back to its default in the child (then calls `then`). A
+    shell starts a background job (`pytest ... &`) with SIGINT ignored, every child inherits
+    that, and a shell script cannot trap a signal that was ignored when it started."""
+
+    def preexec() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    return preexec
 
 
 @pytest.fixture
 async def forward_cli(tmp_path: Path) -> AsyncIterator[StartCli]:
-    """Start forward's command line on 127.0.0.1 with free ports for the given flags; ready
-    once it has logged one "listening on" line per listener. Stopped (SIGTERM) at the end."""
-    started: list[tuple[asyncio.subprocess.Process, asyncio.Task[None]]] = []
+    """Start forward's command line; returns a `ForwardProcess` once it is ready.
 
-    async def start(*args: str, ports: tuple[str, ...] = ("-p",)) -> ForwardProcess:
+    `forward_cli(*args, ports=("-p",), ready=None, bind="127.0.0.1", env=None, command=FORWARD,
+    preexec_fn=None)`: forward gets `-b BIND` (unless bind is None), `-u` to a socket that does
+    not exist (unless args name one), a free port for each flag in `ports`, then `args`.
+    `command` replaces `python -m forward` (a script that ends by exec'ing it); `env` is added to
+    the environment. Ready means: one "listening on" line per listener it opens (`ready` an
+    int; by default one per flag in `ports`, at least one), or a line containing `ready` (a
+    str); `ready=0` returns at once, for a test that waits its own way. A port taken meanwhile
+    ("cannot listen") is retried with others. Each is stopped (SIGTERM) at the end of the test.
+    """
+    started: list[ForwardProcess] = []
+
+    async def start(
+        *args: str,
+        ports: tuple[str, ...] = ("-p",),
+        ready: int | str | None = None,
+        bind: str | None = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] | list[str] = FORWARD,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> ForwardProcess:
+        fixed = [*(["-b", bind] if bind else [])]
+        if not {"-u", "--ulog"} & set(args):
+            fixed += ["-u", str(tmp_path / "no-ulog")]
         for _attempt in range(3):
             chosen = {flag: free_port() for flag in ports}
             given = [word for flag, port in chosen.items() for word in (flag, str(port))]
-            log_path = tmp_path / f"forward-{len(started)}.log"
             proc = await asyncio.create_subprocess_exec(
-                *[sys.executable, "-m", "forward", "-b", "127.0.0.1"],
-                *["-u", str(tmp_path / "no-ulog"), *given, *args],
+                *command,
+                *fixed,
+                *given,
+                *args,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                preexec_fn=default_sigint(preexec_fn),
             )
             assert proc.stderr is not None
-            listening: list[str] = []
-            ready = asyncio.Event()
-            copier = asyncio.create_task(
-                _copy_lines(proc.stderr, log_path, listening, ready, len(ports))
-            )
-            started.append((proc, copier))
-            async with asyncio.timeout(30):
-                await ready.wait()
-            if len(listening) >= len(ports):
-                return ForwardProcess(proc, chosen, log_path)
-            await proc.wait()
-            text = log_path.read_text(errors="replace")
-            if "cannot listen" not in text:
-                raise RuntimeError(f"forward exited with {proc.returncode}: {text}")
+            fwd = ForwardProcess(proc, chosen, tmp_path / f"forward-{len(started)}.log")
+            fwd._copier = asyncio.create_task(fwd._copy(proc.stderr))
+            started.append(fwd)
+            if ready == 0:
+                return fwd
+            try:
+                if isinstance(ready, str):
+                    await fwd.expect(ready)
+                else:
+                    for _ in range(ready or max(len(ports), 1)):
+                        await fwd.expect("listening on")
+                return fwd
+            except ForwardExited:
+                if proc.returncode is None or "cannot listen" not in fwd.log() or not ports:
+                    raise
         raise RuntimeError("no free port for forward after 3 attempts")
 
     yield start
-    for proc, copier in started:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        await copier
+    for fwd in started:
+        if fwd.proc.returncode is None:
+            fwd.proc.terminate()
+        try:
+            await fwd.wait()
+        except TimeoutError:
+            fwd.proc.kill()
+            await fwd.wait()
+            raise AssertionError(f"forward did not stop at SIGTERM:\n{fwd.log()}") from None

@@ -20,6 +20,7 @@ import pytest
 from .conftest import C_FORWARD, IN_CI
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a whole benchmark round, if a tiny one: half a minute
 ALWAYS = (
     "rtt_p50_us",
     "rtt_p99_us",

@@ -11,14 +11,9 @@ print() gives for the same expressions, asked of R separately. Screenshots go to
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
-import os
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from forward.rexp import strings
 
-from .conftest import IN_CI, PKI, ROOT, Rserve, free_port
+from .conftest import IN_CI, PKI, ROOT, ForwardProcess, Rserve, StartCli
 from .rclient import RClient
 
 DOC_ROOT = ROOT / "demo" / "www"
@@ -47,7 +42,8 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
-pytestmark = pytest.mark.rserve
+# slow: every test here drives a real Chromium (with test_layouts.py, about 35 s in all).
+pytestmark = [pytest.mark.rserve, pytest.mark.slow]
 
 
 def need_browser() -> Any:
@@ -70,79 +66,9 @@ def spki_hash(cert_pem: bytes) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-@dataclass
-class Cli:
-    proc: asyncio.subprocess.Process
-    port: int
-    scheme: str
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}/"
-
-
-async def wait_listening(proc: asyncio.subprocess.Process, port: int) -> bool:
-    """Poll until the port accepts a connection (30 s at most); False if forward exited first."""
-    delay = 0.01
-    async with asyncio.timeout(30):
-        while proc.returncode is None:
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                return True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-    return False
-
-
-@pytest.fixture
-async def start_cli(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[asyncio.subprocess.Process] = []
-
-    async def start(rserve: Rserve, *extra: str, scheme: str) -> Cli:
-        for _attempt in range(3):
-            port = free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "forward",
-                "-p",
-                str(port),
-                "-b",
-                "127.0.0.1",
-                "-s",
-                str(rserve.socket),
-                "-r",
-                str(DOC_ROOT),
-                "-u",
-                str(tmp_path / "ulog"),
-                *extra,
-            ]
-            log = (tmp_path / f"forward-{port}.log").open("wb")
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=log,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-            log.close()
-            started.append(proc)
-            if await wait_listening(proc, port):
-                return Cli(proc, port, scheme)
-            await proc.wait()
-            text = (tmp_path / f"forward-{port}.log").read_text()
-            if "cannot listen" not in text:
-                raise RuntimeError(f"forward exited with {proc.returncode}: {text}")
-        raise RuntimeError("no free port for forward after 3 attempts")
-
-    yield start
-    for proc in started:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+async def serve_demo(forward_cli: StartCli, rserve: Rserve, *extra: str) -> ForwardProcess:
+    """forward as the product runs: the demo's page (-r) and its R (-s)."""
+    return await forward_cli("-s", str(rserve.socket), "-r", str(DOC_ROOT), *extra)
 
 
 async def r_print(url: str, ssl_context: Any, expr: str) -> str:
@@ -171,18 +97,18 @@ PRINTED = [
 
 @pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
 async def test_demo_page_in_chromium(
-    tls: bool, pki: PKI, fresh_rserve: Callable[..., Rserve], start_cli: Callable[..., Any]
+    tls: bool, pki: PKI, fresh_rserve: Callable[..., Rserve], forward_cli: StartCli
 ) -> None:
     async_api = need_browser()
     rserve = fresh_rserve(ocap=True, source=(ROOT / "demo" / "init.R").read_text())
     if tls:
-        cli = await start_cli(rserve, "-k", str(pki.key), "-c", str(pki.cert), scheme="https")
+        cli = await serve_demo(forward_cli, rserve, "-k", str(pki.key), "-c", str(pki.cert))
         trust = [f"--ignore-certificate-errors-spki-list={spki_hash(pki.cert.read_bytes())}"]
-        ws_scheme, ssl_context = "wss", pki.client_context()
+        scheme, ws_scheme, ssl_context = "https", "wss", pki.client_context()
     else:
-        cli = await start_cli(rserve, scheme="http")
-        trust, ws_scheme, ssl_context = [], "ws", None
-    ws_url = f"{ws_scheme}://127.0.0.1:{cli.port}/"
+        cli = await serve_demo(forward_cli, rserve)
+        trust, scheme, ws_scheme, ssl_context = [], "http", "ws", None
+    ws_url = cli.url(ws_scheme)
     expected = {expr: await r_print(ws_url, ssl_context, expr) for expr in PRINTED}
 
     async with async_api.async_playwright() as pw:
@@ -196,7 +122,7 @@ async def test_demo_page_in_chromium(
             console_errors: list[str] = []
             page.on("pageerror", lambda e: console_errors.append(str(e)))
 
-            response = await page.goto(cli.url)
+            response = await page.goto(cli.url(scheme))
             assert response is not None and response.status == 200
             await page.wait_for_selector("body[data-state=login]")
             assert [ws.url for ws in sockets] == [ws_url]
@@ -274,13 +200,13 @@ async def test_demo_page_in_chromium(
 
 
 async def test_https_page_is_refused_without_the_test_certificate_trusted(
-    pki: PKI, fresh_rserve: Callable[..., Rserve], start_cli: Callable[..., Any]
+    pki: PKI, fresh_rserve: Callable[..., Rserve], forward_cli: StartCli
 ) -> None:
     """The control for the test above: without the SPKI pin Chromium refuses forward's test
     certificate, so passing there means the certificate was checked, not ignored."""
     async_api = need_browser()
     rserve = fresh_rserve(ocap=True, source=(ROOT / "demo" / "init.R").read_text())
-    cli = await start_cli(rserve, "-k", str(pki.key), "-c", str(pki.cert), scheme="https")
+    cli = await serve_demo(forward_cli, rserve, "-k", str(pki.key), "-c", str(pki.cert))
     async with async_api.async_playwright() as pw:
         browser = await pw.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
@@ -288,6 +214,6 @@ async def test_https_page_is_refused_without_the_test_certificate_trusted(
         try:
             page = await browser.new_page()
             with pytest.raises(async_api.Error, match="ERR_CERT_AUTHORITY_INVALID"):
-                await page.goto(cli.url)
+                await page.goto(cli.url("https"))
         finally:
             await browser.close()

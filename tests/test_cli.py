@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,20 +11,8 @@ import pytest
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
 
-from .conftest import ROOT, Rserve, free_port
+from .conftest import Rserve, RunMain, StartCli, run_forward
 from .rclient import RClient
-
-
-def run_forward(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forward", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 def test_short_flags_keep_the_c_meanings_and_defaults() -> None:
@@ -105,8 +90,10 @@ def test_help_exits_zero_with_usage() -> None:
         (["--heartbeat", "-5"], "--heartbeat must be 0"),
     ],
 )
-def test_bad_command_lines_fail_with_one_line(args: list[str], message: str) -> None:
-    out = run_forward(*args)
+def test_bad_command_lines_fail_with_one_line(
+    args: list[str], message: str, forward_main: RunMain
+) -> None:
+    out = forward_main(*args)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
@@ -130,49 +117,24 @@ def test_validate_rejects_cert_without_key() -> None:
 
 @pytest.mark.rserve
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_serves_then_exits_zero_on_signal(rserve_qap: Rserve, sig: signal.Signals) -> None:
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-s",
-            str(rserve_qap.socket),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # start-up is done when forward says it listens
-            if "listening on" in line:
-                break
-        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
-            assert (await c.eval("40 + 2")).value == [42.0]
-            proc.send_signal(sig)
+async def test_serves_then_exits_zero_on_signal(
+    rserve_qap: Rserve, forward_cli: StartCli, sig: signal.Signals
+) -> None:
+    fwd = await forward_cli("-s", str(rserve_qap.socket))
+    async with await RClient.connect(fwd.url()) as c:
+        assert (await c.eval("40 + 2")).value == [42.0]
+        fwd.send_signal(sig)
+        closing = await c.ws.receive()
+        while closing.data != 1001 and not c.ws.closed:  # the OOB notice comes first
             closing = await c.ws.receive()
-            while closing.data != 1001 and not c.ws.closed:  # the OOB notice comes first
-                closing = await c.ws.receive()
-            assert c.ws.close_code == 1001
-        assert proc.wait(20) == 0
-        rest = proc.stderr.read()
-        assert "shutting down" in rest and "Traceback" not in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        assert c.ws.close_code == 1001
+    assert await fwd.wait() == 0
+    assert "shutting down" in fwd.log() and "Traceback" not in fwd.log()
 
 
-async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -> None:
+async def test_out_of_file_descriptors_hurts_only_new_sessions(
+    tmp_path: Path, forward_cli: StartCli
+) -> None:
     """Few file descriptors: sessions past what fits are refused with a reason (1013) instead of
     being dropped by an event loop out of descriptors; open ones go on, and it recovers."""
     import asyncio
@@ -183,36 +145,16 @@ async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -
     from .fakes import FakeRserve
 
     fake = await FakeRserve(tmp_path / "echo.sock", record=False).start()
-    port = free_port()
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "forward",
-        "-b",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-s",
-        str(fake.path),
-        "--max-sessions-per-client",
-        "0",
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=low_limit,
-    )
     clients: list[RClient] = []
     try:
-        assert proc.stderr is not None
-        startup = b""
-        while b"listening on" not in startup:
-            startup += await proc.stderr.readline()
-        log_task = asyncio.create_task(proc.stderr.read())  # keep the pipe drained
-        url = f"ws://127.0.0.1:{port}/"
+        fwd = await forward_cli(
+            *["-s", str(fake.path), "--max-sessions-per-client", "0"], preexec_fn=low_limit
+        )
+        url = fwd.url()
         failures = 0
         for _ in range(40):  # 2 descriptors per session: the limit is hit well before 40
             try:
@@ -232,16 +174,13 @@ async def test_out_of_file_descriptors_hurts_only_new_sessions(tmp_path: Path) -
         async with await RClient.connect(url) as c:  # and it recovers
             await c.send(Cmd.EVAL, b"again", msg_id=1)
             assert (await c.response()).payload == b"again"
-        assert proc.returncode is None
-        proc.terminate()
-        log = (startup + await log_task).decode()
+        assert fwd.proc.returncode is None
+        await fwd.stop()
+        log = fwd.log()
         assert "the open-file limit (48) leaves room for about 12 sessions" in log
         assert "refused WebSocket from 127.0.0.1 on http: server at capacity" in log
         assert "Traceback" not in log
     finally:
         for c in clients:
             await c.close()
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
         await fake.stop()

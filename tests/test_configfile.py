@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ from forward import configfile
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
 
-from .conftest import ROOT
+from .conftest import RunMain
 
 FULL = """
 http-port = 8080
@@ -80,30 +77,19 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
     assert (c.http_port, c.ws_port, c.bind) == (9999, 8081, ("0.0.0.0",))
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forward", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
-def test_check_config_accepts_and_rejects(tmp_path: Path) -> None:
+def test_check_config_accepts_and_rejects(tmp_path: Path, forward_main: RunMain) -> None:
     good = tmp_path / "good.toml"
     good.write_text(FULL)
-    out = run("--config", str(good), "--check-config")
+    out = forward_main("--config", str(good), "--check-config")
     assert out.returncode == 0 and out.stdout.strip() == f"forward: configuration OK ({good})"
     bad = tmp_path / "bad.toml"
     bad.write_text("http-port = 8080\nws-port = 8080\n")
-    out = run("--config", str(bad), "--check-config")
+    out = forward_main("--config", str(bad), "--check-config")
     assert out.returncode == 2
     assert out.stderr.strip() == "forward: -p and -w are both 8080: give them different ports"
-    out = run("--config", str(tmp_path / "absent.toml"), "--check-config")
+    out = forward_main("--config", str(tmp_path / "absent.toml"), "--check-config")
     assert out.returncode == 2 and "cannot read the configuration file" in out.stderr
-    out = run("--check-config", "-S", "host:0")
+    out = forward_main("--check-config", "-S", "host:0")
     assert out.returncode == 2 and "-S host:0" in out.stderr
-    out = run("--check-config", "-r", str(tmp_path / "no-such-dir"))
+    out = forward_main("--check-config", "-r", str(tmp_path / "no-such-dir"))
     assert out.returncode == 2 and "not a directory" in out.stderr

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +12,7 @@ import pytest
 
 from forward.daemon import PidFile, notify
 
-from .conftest import ROOT, Rserve
+from .conftest import Rserve, StartCli
 from .rclient import RClient
 
 
@@ -46,7 +45,7 @@ def test_pid_file_is_written_and_removed_only_if_ours(tmp_path: Path) -> None:
 
 @pytest.mark.rserve
 async def test_forward_with_unix_listener_pid_file_and_notify(
-    rserve_qap: Rserve, tmp_path: Path
+    rserve_qap: Rserve, tmp_path: Path, forward_cli: StartCli
 ) -> None:
     notify_path = tmp_path / "notify.sock"
     unix = tmp_path / "forward.sock"
@@ -54,46 +53,25 @@ async def test_forward_with_unix_listener_pid_file_and_notify(
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(str(notify_path))
         ns.settimeout(20)
-        proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-            [
-                sys.executable,
-                "-m",
-                "forward",
-                "-p",
-                "-1",
-                "-w",
-                "-1",
-                "--listen-unix",
-                str(unix),
-                "-s",
-                str(rserve_qap.socket),
-                "-u",
-                "",
-                "--pid-file",
-                str(pid),
-            ],
-            cwd=ROOT,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
+        fwd = await forward_cli(
+            *["-p", "-1", "-w", "-1", "--listen-unix", str(unix)],
+            *["-s", str(rserve_qap.socket), "--pid-file", str(pid)],
+            ports=(),
+            env={"NOTIFY_SOCKET": str(notify_path)},
         )
-        try:
-            ready = ns.recv(4096)
-            assert ready == f"READY=1\nMAINPID={proc.pid}".encode()
-            assert pid.read_text() == f"{proc.pid}\n"
-            assert oct(unix.stat().st_mode & 0o777) == "0o660"
-            conn = aiohttp.UnixConnector(path=str(unix))
-            async with aiohttp.ClientSession(connector=conn) as s:
-                ws = await s.ws_connect("http://forward/")
-                client = RClient(ws, s)
-                first = await ws.receive()
-                client.greeting = first.data
-                assert (await client.eval("6 * 7")).value == [42.0]
-                await ws.close()
-            proc.terminate()
-            assert ns.recv(4096) == b"STOPPING=1"
-            assert proc.wait(20) == 0
-            assert not pid.exists() and not unix.exists()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        ready = ns.recv(4096)
+        assert ready == f"READY=1\nMAINPID={fwd.pid}".encode()
+        assert pid.read_text() == f"{fwd.pid}\n"
+        assert oct(unix.stat().st_mode & 0o777) == "0o660"
+        conn = aiohttp.UnixConnector(path=str(unix))
+        async with aiohttp.ClientSession(connector=conn) as s:
+            ws = await s.ws_connect("http://forward/")
+            client = RClient(ws, s)
+            first = await ws.receive()
+            client.greeting = first.data
+            assert (await client.eval("6 * 7")).value == [42.0]
+            await ws.close()
+        fwd.send_signal(signal.SIGTERM)
+        assert ns.recv(4096) == b"STOPPING=1"
+        assert await fwd.wait() == 0
+        assert not pid.exists() and not unix.exists()

@@ -20,7 +20,7 @@ import pytest
 from forward.qap import Cmd, Xt
 from forward.rexp import RObj, strings
 
-from .conftest import ROOT, Rserve, StartForward, free_port, need_rserve
+from .conftest import ROOT, Rserve, StartForward, default_sigint, free_port, need_rserve
 from .rclient import RClient
 
 DEMO = ROOT / "demo"
@@ -125,6 +125,7 @@ async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_pat
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # its own process group, like a terminal's foreground job
+            preexec_fn=default_sigint(),  # as a terminal starts it, whatever started pytest
         )
     try:
         assert proc.stdout is not None

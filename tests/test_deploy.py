@@ -4,7 +4,6 @@ and the compose and Kubernetes files' wiring."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -30,7 +29,7 @@ from forward.config import Config
 from forward.listeners import bind_unix
 from forward.stats import Stat, Stats
 
-from .conftest import IN_CI, ROOT, Rserve, StartForward, free_port
+from .conftest import IN_CI, ROOT, Rserve, StartCli, StartForward, free_port
 from .rclient import RClient
 
 DEPLOY = ROOT / "deploy"
@@ -238,65 +237,49 @@ def test_entrypoint_script_is_valid_sh() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def run_entrypoint(*args: str, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [str(DEPLOY / "docker" / "entrypoint.sh"), *args],
-        cwd=ROOT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "FORWARD": f"{sys.executable} -m forward"},
-        **kw,
-    )
+ENTRYPOINT = (str(DEPLOY / "docker" / "entrypoint.sh"),)
+# The entry point runs $FORWARD: here, this checkout's forward.
+ENTRYPOINT_ENV = {"FORWARD": f"{sys.executable} -m forward"}
 
 
 def test_entrypoint_refuses_a_bad_configuration(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("http-port = 'eighty'\n")
-    proc = run_entrypoint("--config", str(bad), stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=20)
+    proc = subprocess.run(
+        [*ENTRYPOINT, "--config", str(bad)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **ENTRYPOINT_ENV},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert proc.returncode == 2
-    assert err.strip() == f"forward: {bad}: http-port: expected an integer"
+    assert proc.stderr.strip() == f"forward: {bad}: http-port: expected an integer"
 
 
 @pytest.mark.rserve
 async def test_entrypoint_serves_with_the_image_configuration(
-    rserve_qap: Rserve, tmp_path: Path
+    rserve_qap: Rserve, tmp_path: Path, forward_cli: StartCli
 ) -> None:
-    port, admin = free_port(), free_port()
     www = tmp_path / "www"
     www.mkdir()
     (www / "index.html").write_text("<p>hello")
-    proc = run_entrypoint(  # the image's CMD, with this machine's paths and ports
-        "--config",
-        str(DEPLOY / "forward.toml"),
-        "-s",
-        str(rserve_qap.socket),
-        "-b",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--admin-port",
-        str(admin),
-        "--admin-bind",
-        "127.0.0.1",
-        "-r",
-        str(www),
-        stderr=subprocess.DEVNULL,
+    fwd = await forward_cli(  # the image's CMD, with this machine's paths and ports
+        *["--config", str(DEPLOY / "forward.toml"), "-s", str(rserve_qap.socket)],
+        *["--admin-bind", "127.0.0.1", "-r", str(www)],
+        ports=("-p", "--admin-port"),
+        command=ENTRYPOINT,
+        env=ENTRYPOINT_ENV,
     )
-    try:
-        await asyncio.to_thread(wait_port, admin, proc, "forward")
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{admin}/healthz") as r:
-                assert r.status == 200
-            async with s.get(f"http://127.0.0.1:{port}/") as r:
-                assert r.status == 200 and "hello" in await r.text()
-        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
-            assert (await c.eval("1 + 2")).value == [3.0]
-        proc.send_signal(signal.SIGTERM)  # the shell exec'd forward: the signal reaches it
-        assert await asyncio.to_thread(proc.wait, 20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(fwd.url("http", "--admin-port", "/healthz")) as r:
+            assert r.status == 200
+        async with s.get(fwd.url("http")) as r:
+            assert r.status == 200 and "hello" in await r.text()
+    async with await RClient.connect(fwd.url()) as c:
+        assert (await c.eval("1 + 2")).value == [3.0]
+    # The shell exec'd forward: the signal reaches it.
+    assert await fwd.stop(signal.SIGTERM) == 0
 
 
 def test_compose_and_kubernetes_share_the_socket_volume() -> None:

@@ -4,9 +4,6 @@ serving the document root and an .R page side by side."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +13,7 @@ import pytest
 from forward.cli import parse_args
 from forward.config import ConfigError
 
-from .conftest import Rserve
-from .test_cli import ROOT, free_port
+from .conftest import Rserve, StartCli, free_port, run_forward
 
 
 def test_new_flags() -> None:
@@ -54,27 +50,9 @@ def test_bad_new_flags(args: list[str], message: str) -> None:
 
 
 def test_missing_doc_root_fails_before_serving(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(free_port()),
-            "-r",
-            str(tmp_path / "nowhere"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.returncode != 0
     missing = tmp_path / "nowhere"
+    proc = run_forward("-b", "127.0.0.1", "-p", str(free_port()), "-r", str(missing))
+    assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"forward: -r {missing}: not a directory"]
 
 
@@ -85,55 +63,28 @@ oc.init <- function() ocap(function(req) list("<p>from R</p>", "text/html; chars
 
 
 @pytest.mark.rserve
-async def test_cli_serves_files_and_r(tmp_path: Path, fresh_rserve: Callable[..., Rserve]) -> None:
+async def test_cli_serves_files_and_r(
+    tmp_path: Path, fresh_rserve: Callable[..., Rserve], forward_cli: StartCli
+) -> None:
     r = fresh_rserve(ocap=True, source=PAGE)
     root = tmp_path / "www"
     root.mkdir()
     (root / "hello.txt").write_text("hi\n")
     (root / "page.R").write_text("#\n")
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-r",
-            str(root),
-            "-R",
-            str(r.socket),
-            "-s",
-            str(tmp_path / "unused.sock"),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    fwd = await forward_cli(
+        *["-r", str(root), "-R", str(r.socket), "-s", str(tmp_path / "unused.sock")]
     )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # start-up is done when forward says it listens
-            if "listening on" in line:
-                break
-        base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as s:
-            async with s.get(base + "/hello.txt") as resp:
-                assert (resp.status, await resp.text()) == (200, "hi\n")
-            async with s.get(base + "/page.R") as resp:
-                assert resp.status == 200 and await resp.text() == "<p>from R</p>"
-                assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
-        # The request Debian's C forward answers with /etc/shadow.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /../../../etc/shadow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-        assert answer.startswith(b"HTTP/1.1 403 ") and b"root:" not in answer
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    base = fwd.url("http").rstrip("/")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/hello.txt") as resp:
+            assert (resp.status, await resp.text()) == (200, "hi\n")
+        async with s.get(base + "/page.R") as resp:
+            assert resp.status == 200 and await resp.text() == "<p>from R</p>"
+            assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+    # The request Debian's C forward answers with /etc/shadow.
+    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.ports["-p"])
+    writer.write(b"GET /../../../etc/shadow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"root:" not in answer

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 
 import aiohttp
 import pytest
 
-from forward import qap
+from forward import qap, wsconn
 
-from .conftest import ROOT, Rserve, StartForward, free_port
+from .conftest import Rserve, StartCli, StartForward
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
@@ -56,53 +53,22 @@ async def test_sessions_left_after_the_drain_get_the_shutdown_notice(
     async with await RClient.connect(fwd.url("ws")) as c:
         assert (await c.eval("1")).value == [1.0]
         await fwd.server.drain(0.05)
-        await fwd.server.stop()
+        stopping = asyncio.create_task(fwd.server.stop())
         notice = await c.ws.receive()
         assert notice.type is aiohttp.WSMsgType.BINARY and notice.data == qap.SHUTDOWN_NOTICE
-        closing = await c.ws.receive()
+        closing = await c.ws.receive()  # aiohttp answers the close (autoclose)
         assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        # The answer ends the session: stop() returns then, not after the close timeout.
+        async with asyncio.timeout(wsconn.CLOSE_TIMEOUT / 2):
+            await stopping
+        assert not fwd.server.sessions
 
 
-async def test_sigterm_drains_then_exits_zero(rserve_qap: Rserve) -> None:
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-u",
-            "",
-            "-s",
-            str(rserve_qap.socket),
-            "--drain-timeout",
-            "60",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "listening on" in line:
-                break
-        async with await RClient.connect(f"ws://127.0.0.1:{port}/") as c:
-            proc.send_signal(signal.SIGTERM)
-            for line in proc.stderr:
-                if "draining" in line:
-                    break
-            assert (await c.eval("3 * 3")).value == [9.0]
-        assert await asyncio.to_thread(proc.wait, 20) == 0
-        rest = proc.stderr.read()
-        assert "drained: every session has ended" in rest and "Traceback" not in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+async def test_sigterm_drains_then_exits_zero(rserve_qap: Rserve, forward_cli: StartCli) -> None:
+    fwd = await forward_cli("-s", str(rserve_qap.socket), "--drain-timeout", "60")
+    async with await RClient.connect(fwd.url()) as c:
+        fwd.send_signal(signal.SIGTERM)
+        await fwd.expect("draining")
+        assert (await c.eval("3 * 3")).value == [9.0]
+    assert await fwd.wait() == 0
+    assert "drained: every session has ended" in fwd.log() and "Traceback" not in fwd.log()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -369,14 +370,18 @@ async def test_session_lifetime_limit(echo: FakeRserve, start_forward: StartForw
 
 
 async def test_dead_peer_found_by_pings_and_r_side_ended(
-    echo: FakeRserve, start_forward: StartForward
+    echo: FakeRserve, start_forward: StartForward, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="forward.relay")
     fwd = await start_forward(echo.path, ws_ping=0.2)
     async with aiohttp.ClientSession() as s:
         # A client that never answers pings, like a peer whose network vanished.
         ws = await s.ws_connect(fwd.url("ws"), autoping=False)
         await asyncio.wait_for(echo.closed.wait(), 20)
         await ws.close()
+    # Ended for the missing pong, not for anything else that could end it in that time.
+    (line,) = [r.getMessage() for r in caplog.records if " closed: mode " in r.getMessage()]
+    assert line.endswith("no answer to a ping within 0.1 s"), line
     await works(fwd)
 
 

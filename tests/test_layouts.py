@@ -36,7 +36,8 @@ from .conftest import IN_CI, PKI, ROOT, ForwardProcess, Rserve, StartCli, free_p
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, need_browser, spki_hash
 from .test_deploy import NGINX, need, nginx, site_config
 
-pytestmark = pytest.mark.rserve
+# slow: every test here drives a real Chromium (with test_browser.py, about 35 s in all).
+pytestmark = [pytest.mark.rserve, pytest.mark.slow]
 
 JS = ROOT / ".cache" / "js"  # scripts/install-deps puts rserve.js and underscore.js here
 PAGE = ROOT / "tests" / "www" / "rserve-js.html"

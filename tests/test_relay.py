@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import signal
 from pathlib import Path
@@ -19,7 +20,7 @@ from forward import qap, rexp
 from forward.qap import Cmd, Header, Xt
 from forward.wsconn import HOLD_BACKEND_FULL
 
-from .conftest import PKI, Rserve, StartForward
+from .conftest import PKI, Rserve, StartCli, StartForward, eventually
 from .fakes import FakeRserve
 from .rclient import RClient, RError
 
@@ -386,8 +387,7 @@ async def test_r_killed_while_sending_a_large_result(
         # R sends a 400 MB answer; once part of it went through forward, R is killed.
         await c.send(Cmd.EVAL, rexp.string_param("raw(4e8)"), msg_id=1)
         (session,) = fwd.server.sessions
-        while session.bytes_from_r < 2**20:  # noqa: ASYNC110 - a counter, no event to wait on
-            await asyncio.sleep(0.01)
+        await eventually(lambda: session.bytes_from_r >= 2**20, what="1 MB of the answer relayed")
         os.kill(pid, signal.SIGKILL)
         msg = await c.ws.receive()
         # The truncated message is never delivered as if it were whole.
@@ -416,8 +416,9 @@ async def test_backend_socket_recreated_serves_new_sessions(
 
 
 async def test_browser_gone_mid_message_ends_the_r_side(
-    tmp_path: Path, start_forward: StartForward
+    tmp_path: Path, start_forward: StartForward, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="forward.relay")
     fake = await FakeRserve(tmp_path / "echo.sock").start()
     fwd = await start_forward(fake.path)
     try:
@@ -428,6 +429,8 @@ async def test_browser_gone_mid_message_ends_the_r_side(
         transport.abort()  # no close handshake: the network went away
         await c.session.close()
         await asyncio.wait_for(fake.closed.wait(), 10)
+        (line,) = [r.getMessage() for r in caplog.records if " closed: mode " in r.getMessage()]
+        assert line.endswith("browser went away"), line  # why it ended
         async with await RClient.connect(fwd.url("ws")) as c2:
             await c2.send(Cmd.EVAL, b"still here", msg_id=2)
             assert (await c2.response()).payload == b"still here"
@@ -461,14 +464,9 @@ async def test_slow_browser_slows_r_instead_of_growing_memory(
         transport.pause_reading()  # the browser stops reading
         await c.send(Cmd.EVAL, b"", msg_id=1)
         (session,) = fwd.server.sessions
-        for _ in range(500):
-            if session._reading_paused:
-                break
-            await asyncio.sleep(0.01)
-        assert session._reading_paused, "forward never paused reading from R"
+        await eventually(lambda: session._reading_paused, what="forward paused reading from R")
         before = sent[0]
-        for _ in range(20):  # R stays held back while the browser does not read
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # not a wait for anything: R stays held back for a while
         assert sent[0] - before <= 8 * 2**20
         assert sent[0] < 64 * 2**20, f"{sent[0]} bytes left R while the browser read nothing"
         transport.resume_reading()
@@ -534,21 +532,15 @@ async def test_slow_r_slows_the_browser_instead_of_growing_memory(
         (session,) = fwd.server.sessions
         backend, ws = session._backend, session.ws
         assert backend is not None and ws is not None
-        for _ in range(500):
-            if ws.held & HOLD_BACKEND_FULL:  # forward stops reading until R's socket drains
-                break
-            await asyncio.sleep(0.01)
-        assert ws.held & HOLD_BACKEND_FULL, "forward never waited for R"
+        # forward stops reading from the browser until R's socket drains
+        await eventually(lambda: ws.held & HOLD_BACKEND_FULL, what="forward waited for R")
         assert backend.transport is not None
         buffered = backend.transport.get_write_buffer_size()
         assert buffered < 16 * 2**20, f"{buffered} bytes held for a slow R"
         assert not sending.done()  # and the browser is held back in turn
         go.set()
         await sending
-        for _ in range(1000):
-            if len(received) == 200 * (2**20 + 16):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(received) == 200 * (2**20 + 16), what="R got every byte")
         assert bytes(received) == b"".join(messages)
         await c.close()
     finally:
@@ -560,30 +552,39 @@ async def _send_all(c: RClient, messages: list[bytes]) -> None:
         await c.ws.send_bytes(m)
 
 
-async def _seeded_answers(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
-) -> None:
-    """Answers each request (a seed and a size) with that many seeded random bytes, in pieces."""
-    import random
+class SeededR:
+    """A fake R that answers each request (a seed and a size) with that many seeded random bytes,
+    in 1 MB writes, each awaited (so R is held back when forward stops reading it); `written`
+    counts the bytes handed to the socket for each seed."""
 
-    writer.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
-    framer = qap.ClientStream()
-    while data := await reader.read(65536):
-        for chunk in framer.feed(data):
-            seed, size = (
-                int.from_bytes(chunk.data[16:20], "little"),
-                int.from_bytes(chunk.data[20:28], "little"),
-            )
-            body = random.Random(seed).randbytes(size)
-            writer.write(Header(Cmd.RESP_OK, size, chunk.header.msg_id).encode())
-            for at in range(0, size, 1 << 20):
-                writer.write(body[at : at + (1 << 20)])
-                await writer.drain()
+    def __init__(self) -> None:
+        self.written: dict[int, int] = {}
+
+    async def __call__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
+    ) -> None:
+        import random
+
+        writer.write(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+        framer = qap.ClientStream()
+        while data := await reader.read(65536):
+            for chunk in framer.feed(data):
+                seed, size = (
+                    int.from_bytes(chunk.data[16:20], "little"),
+                    int.from_bytes(chunk.data[20:28], "little"),
+                )
+                body = random.Random(seed).randbytes(size)
+                writer.write(Header(Cmd.RESP_OK, size, chunk.header.msg_id).encode())
+                self.written[seed] = 0
+                for at in range(0, size, 1 << 20):
+                    writer.write(body[at : at + (1 << 20)])
+                    self.written[seed] += len(body[at : at + (1 << 20)])
+                    await writer.drain()
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_a_slow_browser_keeps_its_bytes_while_other_sessions_stream(
-    tmp_path: Path, pki: PKI, scheme: str
+    tmp_path: Path, pki: PKI, scheme: str, forward_cli: StartCli
 ) -> None:
     """forward reads R's answers into one buffer shared by all sessions and writes from it; a
     browser that is not reading leaves part of a write in its transport, still pointing into
@@ -591,27 +592,18 @@ async def test_a_slow_browser_keeps_its_bytes_while_other_sessions_stream(
     renewed). Run on the real CLI: its event loop (uvloop) keeps such views instead of copying."""
     import hashlib
     import random
-    import sys
 
-    from .conftest import ROOT, free_port
-
-    fake = await FakeRserve(tmp_path / "seeded.sock", _seeded_answers, record=False).start()
-    port = free_port()
-    tls = ["-k", str(pki.key), "-c", str(pki.cert)] if scheme == "wss" else []
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "forward", "-b", "127.0.0.1", "-p", str(port), "-s", str(fake.path),
-        *tls, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    r = SeededR()
+    fake = await FakeRserve(tmp_path / "seeded.sock", r, record=False).start()
     try:
-        assert proc.stderr is not None
-        while b"listening on" not in await asyncio.wait_for(proc.stderr.readline(), 30):
-            pass
+        tls = ["-k", str(pki.key), "-c", str(pki.cert)] if scheme == "wss" else []
+        fwd = await forward_cli("-s", str(fake.path), *tls)
 
         def expected(seed: int, size: int) -> str:
             return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
 
         size = 24 << 20
-        url = f"{scheme}://127.0.0.1:{port}/"
+        url = fwd.url(scheme)
         ctx = pki.client_context() if scheme == "wss" else None
         slow = await RClient.connect(url, ssl_context=ctx)
         fast = await RClient.connect(url, ssl_context=ctx)
@@ -620,11 +612,16 @@ async def test_a_slow_browser_keeps_its_bytes_while_other_sessions_stream(
             assert transport is not None
             transport.pause_reading()  # this browser stops reading mid-answer
             await slow.send(Cmd.EVAL, (1).to_bytes(4, "little") + size.to_bytes(8, "little"))
-            await asyncio.sleep(1.0)  # forward fills what the slow browser will take, then waits
+            await eventually(lambda: r.written.get(1, 0) > 0, what="R began the slow answer")
             for seed in (2, 3):
                 await fast.send(Cmd.EVAL, seed.to_bytes(4, "little") + size.to_bytes(8, "little"))
                 reply = await asyncio.wait_for(fast.response(), 60)
                 assert hashlib.sha256(reply.payload).hexdigest() == expected(seed, size)
+            # While 48 MB went to the other browser, forward held R back for this one: what the
+            # socket buffers on the way take is a few MB, so the answer cannot have left R. Had
+            # the browser not been paused (or forward not waited for it), it would have.
+            held = r.written[1]
+            assert held < size, "forward read R's whole answer for a browser that read nothing"
             transport.resume_reading()
             reply = await asyncio.wait_for(slow.response(), 60)
             assert hashlib.sha256(reply.payload).hexdigest() == expected(1, size)
@@ -632,6 +629,4 @@ async def test_a_slow_browser_keeps_its_bytes_while_other_sessions_stream(
             await slow.close()
             await fast.close()
     finally:
-        proc.terminate()
-        await proc.wait()
         await fake.stop()

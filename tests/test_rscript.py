@@ -35,8 +35,7 @@ from forward.rexp import RObj
 from forward.rscript import is_rscript
 from forward.static import Refusal
 
-from .conftest import C_FORWARD, Rserve, Running, StartForward
-from .test_cli import free_port
+from .conftest import C_FORWARD, Rserve, Running, StartForward, free_port
 
 # -- pure: packing ---------------------------------------------------------------------------------
 

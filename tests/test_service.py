@@ -13,7 +13,7 @@ from forward import srvmgr
 from forward.config import Config, ConfigError
 from forward.service import Lifecycle
 
-from .test_cli import run_forward
+from .conftest import run_forward
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from forward import srvmgr
 from forward.srvmgr import ServerManager, parse
 
-from .conftest import ROOT, Rserve, free_port
+from .conftest import Rserve, StartCli, free_port
 
 
 class Manager:
@@ -94,84 +91,28 @@ async def test_del_to_an_absent_manager_gives_up_quickly(
 
 @pytest.mark.rserve
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_forward_sends_add_then_del(rserve_qap: Rserve, sig: signal.Signals) -> None:
+async def test_forward_sends_add_then_del(
+    rserve_qap: Rserve, forward_cli: StartCli, sig: signal.Signals
+) -> None:
     mgr = Manager()
     mport = await mgr.start()
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the manager
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-s",
-            str(rserve_qap.socket),
-            "-u",
-            "",
-            "-S",
-            f"127.0.0.1:{mport}",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
     try:
+        # Not waiting for the log: ADD is what says the listener is up here.
+        fwd = await forward_cli("-s", str(rserve_qap.socket), "-S", f"127.0.0.1:{mport}", ready=0)
         assert await mgr.next() == b"ADD"
         # ADD means the listener is up: it accepts at once.
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
+        with socket.create_connection(("127.0.0.1", fwd.ports["-p"]), timeout=5):
             pass
-        proc.send_signal(sig)
+        fwd.send_signal(sig)
         assert await mgr.next() == b"DEL"
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await fwd.wait() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         await mgr.stop()
 
 
 @pytest.mark.rserve
-async def test_unreachable_manager_is_not_fatal(rserve_qap: Rserve) -> None:
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-s",
-            str(rserve_qap.socket),
-            "-u",
-            "",
-            "-S",
-            f"127.0.0.1:{free_port()}",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "cannot send ADD" in line:
-                break
-        assert any("listening on" in x for x in seen)
-        proc.terminate()
-        rest = await asyncio.to_thread(proc.stderr.read)
-        assert await asyncio.to_thread(proc.wait, 20) == 0
-        assert "cannot send DEL" in rest and "Traceback" not in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+async def test_unreachable_manager_is_not_fatal(rserve_qap: Rserve, forward_cli: StartCli) -> None:
+    fwd = await forward_cli("-s", str(rserve_qap.socket), "-S", f"127.0.0.1:{free_port()}")
+    await fwd.expect("cannot send ADD")
+    assert await fwd.stop() == 0
+    assert "cannot send DEL" in fwd.log() and "Traceback" not in fwd.log()

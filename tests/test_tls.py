@@ -14,8 +14,8 @@ import os
 import shutil
 import signal
 import ssl
-import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,10 @@ from forward import tls
 from forward.config import Config, ConfigError
 from forward.tls import ClientPolicy, certificate_subject, parse_policy, refusal
 
-from .conftest import IN_CI, PKI, Rserve, Running, StartForward, free_port
+from .conftest import IN_CI, PKI, Rserve, Running, StartCli, StartForward, run_forward
 from .fakes import FakeRserve
 from .rclient import RClient
 
-REPO = Path(__file__).resolve().parents[1]
 GREETING = "Rsrv0103QAP1\r\n\r\n--------------\r\n"
 
 
@@ -234,18 +233,8 @@ def encrypted_key(pki: PKI, passphrase: bytes) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "forward", "-p", "1", "-s", "/nonexistent", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+def run_cli(*args: str) -> tuple[int, str]:
+    proc = run_forward("-p", "1", "-s", "/nonexistent", *args)
     return proc.returncode, proc.stderr
 
 
@@ -293,8 +282,10 @@ def startup_cases(pki: PKI) -> list[tuple[list[str], str]]:
 
 
 def test_startup_errors(pki: PKI) -> None:
-    for args, message in startup_cases(pki):
-        status, stderr = run_cli(*args)
+    cases = startup_cases(pki)
+    with ThreadPoolExecutor(8) as pool:  # each is a Python start-up: side by side, not in turn
+        results = list(pool.map(lambda case: run_cli(*case[0]), cases))
+    for (args, message), (status, stderr) in zip(cases, results, strict=True):
         assert status != 0, args
         assert message in stderr, (args, stderr)
         assert stderr.count("\n") == 1, stderr  # one line, no traceback
@@ -596,60 +587,24 @@ async def test_reload_keeps_sessions_and_serves_the_new_certificate(
         assert (await before.eval("x")).value == [1.0]
 
 
-async def read_until(stream: asyncio.StreamReader, text: str, seen: list[str]) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError(f"forward ended before logging {text!r}: {seen}")
-            seen.append(line)
-            if text in line:
-                return
-
-
-async def test_sighup_reloads_the_cli(tmp_path: Path) -> None:
+async def test_sighup_reloads_the_cli(tmp_path: Path, forward_cli: StartCli) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     write_server_files(tmp_path, old_ca, "old.test")
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "forward",
-        "-b",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-s",
-        str(tmp_path / "no.sock"),
-        "-k",
-        str(tmp_path / "server.key"),
-        "-c",
-        str(tmp_path / "server.pem"),
-        "-u",
-        str(tmp_path / "no-ulog"),
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    fwd = await forward_cli(
+        *["-s", str(tmp_path / "no.sock")],
+        *["-k", str(tmp_path / "server.key"), "-c", str(tmp_path / "server.pem")],
     )
-    assert proc.stderr is not None
-    seen: list[str] = []
-    try:
-        await read_until(proc.stderr, "listening on", seen)
-        assert "CN = old.test" in await s_client(port)
-        write_server_files(tmp_path, new_ca, "new.test")
-        proc.send_signal(signal.SIGHUP)
-        await read_until(proc.stderr, "TLS reload: key, certificate and CA loaded again", seen)
-        assert "CN = new.test" in await s_client(port)
-        (tmp_path / "server.pem").write_text("garbage")
-        proc.send_signal(signal.SIGHUP)
-        await read_until(proc.stderr, "TLS reload failed", seen)
-        assert "CN = new.test" in await s_client(port)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await proc.wait()
-    assert proc.returncode == 0, seen
+    port = fwd.ports["-p"]
+    assert "CN = old.test" in await s_client(port)
+    write_server_files(tmp_path, new_ca, "new.test")
+    fwd.send_signal(signal.SIGHUP)
+    await fwd.expect("TLS reload: key, certificate and CA loaded again")
+    assert "CN = new.test" in await s_client(port)
+    (tmp_path / "server.pem").write_text("garbage")
+    fwd.send_signal(signal.SIGHUP)
+    await fwd.expect("TLS reload failed")
+    assert "CN = new.test" in await s_client(port)
+    assert await fwd.stop() == 0, fwd.log()
 
 
 # -- HSTS and the redirect port ----------------------------------------------------------------

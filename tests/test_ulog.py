@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 from forward import ulog
 from forward.ulog import Target, ULogHandler, format_line, parse_target
 
-from .conftest import ROOT, Rserve
+from .conftest import Rserve, StartCli
 
 LINE = re.compile(
     rb"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) forward (?P<pid>\d+) - - (?P<text>.*)$"
@@ -227,44 +226,17 @@ def test_full_queue_drops_instead_of_growing(
             handler.close()
 
 
-def test_forward_sends_its_log_to_the_u_socket(rserve_qap: Rserve, tmp_path: Path) -> None:
+async def test_forward_sends_its_log_to_the_u_socket(
+    rserve_qap: Rserve, tmp_path: Path, forward_cli: StartCli
+) -> None:
     path = tmp_path / "ulog.sock"
-    with dgram_collector(path) as coll, socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-        probe.close()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "forward",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-s",
-                str(rserve_qap.socket),
-                "-u",
-                str(path),
-            ],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        try:
-            texts = []
-            deadline = time.monotonic() + 20
-            while not any(b"listening on" in t for t in texts):
-                assert time.monotonic() < deadline, texts
-                m = check_line(coll.recv(65536))
-                assert int(m["pid"]) == proc.pid
-                texts.append(m["text"])
-            proc.terminate()
-            assert proc.wait(20) == 0
-            while not any(b"shutting down" in t for t in texts):
-                texts.append(check_line(coll.recv(65536))["text"])
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stderr is not None
-            proc.stderr.close()
+    with dgram_collector(path) as coll:
+        fwd = await forward_cli("-s", str(rserve_qap.socket), "-u", str(path))
+        texts: list[bytes] = []
+        while not any(b"listening on" in t for t in texts):
+            m = check_line(await asyncio.to_thread(coll.recv, 65536))
+            assert int(m["pid"]) == fwd.pid
+            texts.append(m["text"])
+        assert await fwd.stop() == 0
+        while not any(b"shutting down" in t for t in texts):
+            texts.append(check_line(await asyncio.to_thread(coll.recv, 65536))["text"])

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forward.config import Config
 from forward.workers import Supervisor, supervise
 
-from .conftest import ROOT, Rserve, free_port
+from .conftest import Rserve, StartCli, eventually, run_forward
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
@@ -63,140 +61,65 @@ async def sessions(port: int, n: int) -> None:
 
 
 async def test_two_workers_share_the_port_and_survive_a_kill(
-    rserve_qap: Rserve, tmp_path: Path
+    rserve_qap: Rserve, tmp_path: Path, forward_cli: StartCli
 ) -> None:
-    port, admin = free_port(), free_port()
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(str(notify_path))
         ns.settimeout(30)
-        proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test runs beside the client
-            [
-                sys.executable,
-                "-m",
-                "forward",
-                "--workers",
-                "2",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "--admin-port",
-                str(admin),
-                "-s",
-                str(rserve_qap.socket),
-                "-u",
-                "",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
+        fwd = await forward_cli(
+            *["--workers", "2", "-s", str(rserve_qap.socket)],
+            ports=("-p", "--admin-port"),
+            ready="workers serving",
+            env={"NOTIFY_SOCKET": str(notify_path)},
         )
-        try:
-            # The parent says READY only once both workers have said they serve.
-            assert ns.recv(4096).startswith(b"READY=1")
-            workers = children(proc.pid)
-            assert len(workers) == 2
-            await sessions(port, 24)
-            counts = await per_worker(admin)
-            assert set(counts) == {"0", "1"}
-            assert counts["0"] >= 1 and counts["1"] >= 1, counts
-            assert sum(counts.values()) == 24
+        port, admin = fwd.ports["-p"], fwd.ports["--admin-port"]
+        # The parent says READY only once both workers have said they serve.
+        assert ns.recv(4096).startswith(b"READY=1")
+        workers = children(fwd.pid)
+        assert len(workers) == 2
+        await sessions(port, 24)
+        counts = await per_worker(admin)
+        assert set(counts) == {"0", "1"}
+        assert counts["0"] >= 1 and counts["1"] >= 1, counts
+        assert sum(counts.values()) == 24
 
-            victim = min(workers)
-            os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while len(now := children(proc.pid) - {victim}) < 2:
-                assert time.monotonic() < deadline, "the killed worker was not replaced"
-                await asyncio.sleep(0.05)
-            assert victim not in now
-            # The totals survive the dead worker; new sessions reach both workers again.
-            await sessions(port, 24)
-            after = await per_worker(admin)
-            assert sum(after.values()) == 48
-            assert after["0"] > counts["0"] and after["1"] > counts["1"], (counts, after)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        died = await fwd.expect(f"(pid {victim}) died with signal 9")
+        row = re.search(r"worker (\d+) \(pid", died)
+        assert row, died
+        started = await fwd.expect(f"worker {row[1]} started (pid ")
+        new = int(started.rsplit("(pid ", 1)[1].rstrip(")\n"))
+        now = children(fwd.pid)
+        assert now == workers - {victim} | {new}
+        # The totals survive the dead worker; new sessions reach both workers again.
+        await sessions(port, 24)
+        after = await per_worker(admin)
+        assert sum(after.values()) == 48
+        assert after["0"] > counts["0"] and after["1"] > counts["1"], (counts, after)
 
-            proc.terminate()
-            assert await asyncio.to_thread(proc.wait, 30) == 0
-            assert all_gone(now)
-            assert proc.stderr is not None
-            err = proc.stderr.read()
-            assert "died with signal 9" in err and "Traceback" not in err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
+        assert await fwd.stop() == 0
+        assert all_gone(now)
+        assert "Traceback" not in fwd.log()
 
 
-async def test_workers_stop_when_the_parent_is_killed(rserve_qap: Rserve, tmp_path: Path) -> None:
-    port = free_port()
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
-        ns.bind(str(notify_path))
-        ns.settimeout(30)
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            [
-                sys.executable,
-                "-m",
-                "forward",
-                "--workers",
-                "2",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-s",
-                str(rserve_qap.socket),
-                "-u",
-                "",
-            ],
-            cwd=ROOT,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
-        )
-        try:
-            assert ns.recv(4096).startswith(b"READY=1")
-            workers = children(proc.pid)
-            assert len(workers) == 2
-            proc.kill()
-            proc.wait()
-            deadline = time.monotonic() + 30
-            while not all_gone(workers):
-                assert time.monotonic() < deadline, "workers outlived their parent"
-                await asyncio.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+async def test_workers_stop_when_the_parent_is_killed(
+    rserve_qap: Rserve, forward_cli: StartCli
+) -> None:
+    fwd = await forward_cli("--workers", "2", "-s", str(rserve_qap.socket), ready="workers serving")
+    workers = children(fwd.pid)
+    assert len(workers) == 2
+    assert await fwd.stop(signal.SIGKILL) == -signal.SIGKILL
+    await eventually(lambda: all_gone(workers), within=30, what="workers outlived their parent")
 
 
 def test_a_worker_that_cannot_start_stops_the_whole(tmp_path: Path) -> None:
     # The Rserve socket path is fine, but the unix listener's directory does not exist: the
     # parent cannot bind and says so once, before any worker starts.
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "forward",
-            "--workers",
-            "2",
-            "-p",
-            "-1",
-            "-u",
-            "",
-            "--listen-unix",
-            str(tmp_path / "no" / "such" / "dir.sock"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    out = run_forward(
+        *["--workers", "2", "-p", "-1", "-u", ""],
+        *["--listen-unix", str(tmp_path / "no" / "such" / "dir.sock")],
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("forward: cannot listen on ")

@@ -21,7 +21,7 @@ import pytest
 from forward.qap import Cmd, Header
 from forward.wsframe import Opcode
 
-from .conftest import Rserve, Running, StartForward
+from .conftest import Rserve, Running, StartForward, eventually
 from .fakes import ID_STRING, FakeRserve
 from .rclient import RClient
 from .test_guard import works
@@ -266,11 +266,8 @@ async def test_browser_close_is_answered_and_the_connection_ends(
     assert await peer.data_frame() == (Opcode.CLOSE, True, struct.pack("!H", 1000))
     assert await peer.closed()  # the server closes TCP first (RFC 6455 section 7.1.1)
     await asyncio.wait_for(echo.closed.wait(), 10)
-    for _ in range(100):
-        if not fwd.server.sessions:
-            break
-        await asyncio.sleep(0.01)
-    assert not fwd.server.sessions
+    async with asyncio.timeout(10):
+        await fwd.server.sessions.emptied()
 
 
 async def test_open_sessions_keep_no_task_and_no_aiohttp_connection(
@@ -279,18 +276,22 @@ async def test_open_sessions_keep_no_task_and_no_aiohttp_connection(
     """Once open, a session is transport callbacks only: no request task waits in aiohttp for
     each one (that and its request objects were most of a session's memory)."""
     fwd = await start_forward(echo.path)
+    web_server = fwd.server.runners["http"].server
+    assert web_server is not None
+
+    def handed_over() -> bool:  # aiohttp's request handlers for the upgrades have returned
+        return not web_server.connections
+
     async with await RClient.connect(fwd.url()):
-        await asyncio.sleep(0.05)
+        await eventually(handed_over)
         baseline = len(forward_tasks())
     for _ in range(20):
         peer = await Peer.open(fwd, track=peers)
         await peer.head()
         await peer.data_frame()
-    await asyncio.sleep(0.05)
     assert len(fwd.server.sessions) == 20
+    await eventually(handed_over)
     assert len(forward_tasks()) <= baseline
-    web_server = fwd.server.runners["http"].server
-    assert web_server is not None and not web_server.connections
     for peer in peers:
         peer.writer.write(client_frame(Opcode.BINARY, qap_call(b"z")))
         assert (await peer.data_frame())[2][16:] == b"z"
@@ -342,28 +343,36 @@ async def test_aiohttp_client_still_gets_close_codes(
         assert (await first.response()).payload == b"still"
 
 
-async def _busy_then_echo(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
-) -> None:
-    """R evaluating for a while (not reading its socket), then an echo."""
-    from .fakes import echo
-
-    await asyncio.sleep(2.5)
-    await echo(reader, writer, fake)
-
-
 async def test_pings_wait_while_forward_itself_holds_the_browser_back(
     tmp_path: Path, start_forward: StartForward, peers: list[Peer]
 ) -> None:
     """While R does not read, forward stops reading from the browser (TCP pushes back), so the
     browser's pong cannot be read either: that is no dead peer, and the session must live."""
-    fake = await FakeRserve(tmp_path / "busy.sock", _busy_then_echo, record=False).start()
+    from forward.wsconn import HOLD_BACKEND_FULL
+
+    from .fakes import echo
+
+    done_evaluating = asyncio.Event()
+
+    async def busy_then_echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
+    ) -> None:
+        await done_evaluating.wait()  # R evaluating (not reading its socket), then an echo
+        await echo(reader, writer, fake)
+
+    ping = 0.2
+    fake = await FakeRserve(tmp_path / "busy.sock", busy_then_echo, record=False).start()
     try:
-        fwd = await start_forward(fake.path, ws_ping=0.4)
+        fwd = await start_forward(fake.path, ws_ping=ping)
         peer = await Peer.open(fwd, track=peers)
         await peer.head()
         body = os.urandom(4 << 20)  # more than the unix socket takes while R is busy
         peer.writer.write(client_frame(Opcode.BINARY, qap_call(body, 9)))
+        (session,) = fwd.server.sessions
+        assert session.ws is not None
+        await eventually(lambda: session.ws.held & HOLD_BACKEND_FULL, what="browser held back")
+        await asyncio.sleep(5 * ping)  # not a wait for anything: five intervals without a pong
+        done_evaluating.set()
         answer = bytearray()
         while True:  # a browser answering every ping, as browsers do
             opcode, fin, payload = await asyncio.wait_for(peer.frame(), 20)
@@ -385,23 +394,35 @@ async def test_a_browser_that_only_pings_and_never_reads_is_pushed_back(
 ) -> None:
     """Every ping wants a pong; a peer that sends pings and reads nothing must not make forward
     queue pongs without bound: once the browser's socket is full, forward stops reading it."""
+    from forward.wsconn import HOLD_BROWSER_FULL
+
     fwd = await start_forward(echo.path)
     peer = await Peer.open(fwd, track=peers)
     await peer.head()
     ping = client_frame(Opcode.PING, b"p" * 125)
     sent = 0
-    try:
+
+    async def flood() -> None:
+        nonlocal sent
         while sent < 64 << 20:
             peer.writer.write(ping * 512)
             sent += len(ping) * 512
-            await asyncio.wait_for(peer.writer.drain(), 2)
-    except TimeoutError:
-        pass  # forward stopped reading: TCP pushed back on the browser
-    (session,) = fwd.server.sessions
-    assert session.ws is not None and session.ws.transport is not None
-    queued = session.ws.transport.get_write_buffer_size()
-    assert sent < 64 << 20, "forward kept reading from a browser that reads nothing"
-    assert queued < 4 << 20, f"{queued} bytes of pongs queued"
+            await peer.writer.drain()
+
+    flooding = asyncio.create_task(flood())
+    try:
+        (session,) = fwd.server.sessions
+        ws = session.ws
+        assert ws is not None and ws.transport is not None
+        await eventually(
+            lambda: ws.held & HOLD_BROWSER_FULL or flooding.done(),
+            what="forward stopped reading from a browser whose socket is full",
+        )
+        assert not flooding.done(), "forward kept reading from a browser that reads nothing"
+        queued = ws.transport.get_write_buffer_size()
+        assert queued < 4 << 20, f"{queued} bytes of pongs queued"
+    finally:
+        flooding.cancel()
 
 
 async def _many_answers(
@@ -443,11 +464,7 @@ async def test_a_stalled_browser_holds_its_bytes_not_whole_read_buffers(
         peer.writer.transport.pause_reading()  # type: ignore[attr-defined]
         peer.writer.write(client_frame(Opcode.BINARY, qap_call(b"go")))
         (session,) = fwd.server.sessions
-        for _ in range(300):  # until forward has paused reading from R for this browser
-            await asyncio.sleep(0.01)
-            if session._reading_paused:
-                break
-        assert session._reading_paused
+        await eventually(lambda: session._reading_paused, what="forward paused reading from R")
         assert renewals <= 1, f"{renewals} read buffers renewed for one stalled browser"
     finally:
         await fake.stop()
