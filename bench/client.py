@@ -27,7 +27,17 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from wsframes import FrameCounter, check_response, echo_request, handshake
+from wsframes import (
+    CMD_EVAL,
+    RESUME_PROTOCOL,
+    FrameCounter,
+    ack_frame,
+    check_response,
+    client_frame,
+    echo_request,
+    handshake,
+    qap_message,
+)
 
 HOST = "127.0.0.1"  # the load never leaves loopback, whatever the relay binds
 
@@ -40,12 +50,15 @@ def client_context(ca: str | None) -> ssl.SSLContext | None:
 
 # -- blocking: round-trip latency -------------------------------------------------------------
 
-def blocking_session(port: int, ctx: ssl.SSLContext | None) -> tuple[socket.socket, FrameCounter]:
+def blocking_session(
+    port: int, ctx: ssl.SSLContext | None, resume: bool = False
+) -> tuple[socket.socket, FrameCounter]:
     sock = socket.create_connection((HOST, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ctx is not None:
         sock = ctx.wrap_socket(sock, server_hostname=HOST)
-    sock.sendall(handshake(HOST, port, ctx is not None))
+    protocols = RESUME_PROTOCOL if resume else ""
+    sock.sendall(handshake(HOST, port, ctx is not None, protocols=protocols))
     raw = b""
     while b"\r\n\r\n" not in raw:
         chunk = sock.recv(65536)
@@ -54,7 +67,7 @@ def blocking_session(port: int, ctx: ssl.SSLContext | None) -> tuple[socket.sock
         raw += chunk
     head, rest = raw.split(b"\r\n\r\n", 1)
     check_response(head)
-    counter = FrameCounter()
+    counter = FrameCounter(text_is_data=not resume)
     got = counter.feed(rest)
     while got < 32:
         chunk = sock.recv(65536)
@@ -64,8 +77,15 @@ def blocking_session(port: int, ctx: ssl.SSLContext | None) -> tuple[socket.sock
     return sock, counter
 
 
-def latency(port: int, ctx: ssl.SSLContext | None, calls: int, size: int) -> dict[str, Any]:
-    sock, counter = blocking_session(port, ctx)
+# A resume client acknowledges every this many bytes (a quarter of forward's default window).
+ACK_EVERY = 256 * 1024
+
+
+def latency(
+    port: int, ctx: ssl.SSLContext | None, calls: int, size: int, resume: bool = False
+) -> dict[str, Any]:
+    sock, counter = blocking_session(port, ctx, resume)
+    received = acked = 32
     frame, reply = echo_request(size)
     buf = bytearray(65536)
     view = memoryview(buf)
@@ -85,6 +105,11 @@ def latency(port: int, ctx: ssl.SSLContext | None, calls: int, size: int) -> dic
                 raise ConnectionError("relay closed the session")
         if i >= warmup:
             times.append(clock() - t0)
+        if resume:
+            received += reply
+            if received - acked >= ACK_EVERY:
+                sock.sendall(ack_frame(received))
+                acked = received
     sock.close()
     times.sort()
     return {
@@ -100,11 +125,13 @@ def latency(port: int, ctx: ssl.SSLContext | None, calls: int, size: int) -> dic
 class Client(asyncio.BufferedProtocol):
     """One WebSocket session; `received` counts data payload bytes since the upgrade."""
 
-    def __init__(self, bufsize: int) -> None:
+    def __init__(self, bufsize: int, resume: bool = False) -> None:
+        self.resume = resume
+        self._acked = 0
         self._buf = bytearray(bufsize)
         self._view = memoryview(self._buf)
         self._hs: bytearray | None = bytearray()
-        self._counter = FrameCounter()
+        self._counter = FrameCounter(text_is_data=not resume)
         self._waiter: asyncio.Future[None] | None = None
         self._target = 0
         self._drained: asyncio.Future[None] | None = None
@@ -134,6 +161,9 @@ class Client(asyncio.BufferedProtocol):
             data = memoryview(bytes(self._hs[end + 4 :]))
             self._hs = None
         self.received += self._counter.feed(data)
+        if self.resume and self.received - self._acked >= ACK_EVERY:
+            self._acked = self.received
+            self.transport.write(ack_frame(self.received))
         if self._counter.closed:
             self._fail(ConnectionError("relay closed the session (close frame)"))
             return
@@ -181,19 +211,22 @@ class Client(asyncio.BufferedProtocol):
         await self.wait()
 
 
-async def open_session(port: int, ctx: ssl.SSLContext | None, bufsize: int = 65536) -> Client:
+async def open_session(
+    port: int, ctx: ssl.SSLContext | None, bufsize: int = 65536, resume: bool = False
+) -> Client:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: Client(bufsize), HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
+        lambda: Client(bufsize, resume), HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
     )
-    client.transport.write(handshake(HOST, port, ctx is not None))
+    protocols = RESUME_PROTOCOL if resume else ""
+    client.transport.write(handshake(HOST, port, ctx is not None, protocols=protocols))
     await client.wait()
     return client
 
 
 async def bulk(port: int, ctx: ssl.SSLContext | None, size: int, count: int,
-               seconds: float, stall: float) -> dict[str, Any]:
-    client = await open_session(port, ctx, bufsize=1 << 20)
+               seconds: float, stall: float, resume: bool = False) -> dict[str, Any]:
+    client = await open_session(port, ctx, bufsize=1 << 20, resume=resume)
     frame, reply = echo_request(size)
 
     async def one() -> None:
@@ -267,9 +300,69 @@ async def many(port: int, ctx: ssl.SSLContext | None, sessions: int,
     return {}
 
 
+async def reconnect(port: int, ctx: ssl.SSLContext | None, size: int, count: int) -> dict[str, Any]:
+    """Resume: time from a new connection's TCP connect to the first byte of the relay's stream
+    on it (what forward replays).
+
+    Each round asks for a `size`-byte echo, reads half of the answer, then drops the connection
+    without a close (as a network does) and resumes with its ticket and count, sending again
+    what forward says it has not got, as the protocol asks (docs/resume.md)."""
+    message = qap_message(CMD_EVAL, 1, size)
+    sent = bytearray()  # the client's stream (QAP bytes), to send again what forward lacks
+    times: list[float] = []
+    ticket: str | None = None
+    received = 0  # data bytes of the relay's stream, over every connection
+    for _ in range(count + 1):
+        offer = RESUME_PROTOCOL
+        if ticket is not None:
+            offer += f", rserve-ticket.{ticket}.{received}"
+        t0 = time.perf_counter()
+        reader, writer = await asyncio.open_connection(
+            HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
+        )
+        writer.write(handshake(HOST, port, ctx is not None, protocols=offer))
+        check_response(await reader.readuntil(b"\r\n\r\n"))
+        # The first message is the control message with the (new) ticket: a short text frame.
+        _, b1 = await reader.readexactly(2)
+        length = b1 & 0x7F
+        if length == 126:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+        control = json.loads(await reader.readexactly(length))
+        ticket = control["ticket"]
+        counter = FrameCounter(text_is_data=False)
+        if control["t"] == "resumed":
+            rest = sent[control["received"] :]
+            if rest:
+                writer.write(client_frame(bytes(rest)))
+            got = 0
+            while not got:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("relay closed the session")
+                got = counter.feed(data)
+            times.append(time.perf_counter() - t0)
+            received += got
+        sent += message
+        writer.write(client_frame(message))
+        goal = received + size // 2
+        while received < goal:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("relay closed the session")
+            received += counter.feed(data)
+        writer.transport.abort()  # a cut: no close frame
+        await asyncio.sleep(0.02)
+    times.sort()
+    return {
+        "resumes": len(times),
+        "p50_ms": times[len(times) // 2] * 1000,
+        "max_ms": times[-1] * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("latency", "bulk", "parallel", "sessions"))
+    parser.add_argument("mode", choices=("latency", "bulk", "parallel", "sessions", "reconnect"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ca")
     parser.add_argument("--calls", type=int, default=5000)
@@ -280,12 +373,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--stall", type=float, default=30.0,
                         help="bulk: give up when one message takes longer than this")
+    parser.add_argument("--resume", action="store_true",
+                        help="latency, bulk: ask forward for session resume (and acknowledge)")
     args = parser.parse_args()
     ctx = client_context(args.ca)
     if args.mode == "latency":
-        out = latency(args.port, ctx, args.calls, args.size)
+        out = latency(args.port, ctx, args.calls, args.size, args.resume)
     elif args.mode == "bulk":
-        out = uvloop.run(bulk(args.port, ctx, args.size, args.count, args.seconds, args.stall))
+        out = uvloop.run(bulk(args.port, ctx, args.size, args.count, args.seconds, args.stall,
+                              args.resume))
+    elif args.mode == "reconnect":
+        out = uvloop.run(reconnect(args.port, ctx, args.size, args.count))
     elif args.mode == "parallel":
         out = uvloop.run(parallel(args.port, ctx, args.sessions, args.size, args.seconds))
     else:

@@ -34,7 +34,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 C_FORWARD = Path("/usr/lib/R/site-library/Rserve/libs/forward")
 HOST = "127.0.0.1"
-RELAYS = ("forward", "c-forward", "websockify", "ceiling")
+RELAYS = ("forward", "forward-resume", "c-forward", "websockify", "ceiling")
+# forward with clients that ask for session resume (docs/resume.md): compared with "forward".
+RESUME_STEPS = ("rtt", "bulk_window", "reconnect")
 SCHEMES = ("plain", "tls")
 STATIC_BODY = b"<!doctype html><title>bench</title>" + b"<p>static file</p>\n" * 48
 
@@ -47,6 +49,8 @@ FIGURES: dict[str, tuple[str, str, bool, float | None]] = {
     "pss_kb_per_session": ("PSS per idle session", "KB", False, 0.1),
     "sessions_per_s": ("sessions opened per second", "1/s", True, 5.0),
     "static_req_s": ("static file, keep-alive (wrk)", "req/s", True, 10.0),
+    "bulk_window_mb_s": ("bulk echo, 256 KiB messages", "MB/s", True, None),
+    "reconnect_ms": ("resume: connect to first replayed byte", "ms", False, None),
 }
 PSS_TARGET_KB = 12.0
 
@@ -68,12 +72,16 @@ class Load:
     echo_workers: int = 2
     rounds: int = 5
     session_rounds: int = 1
+    # Within resume's window (1 MiB): the echo backend answers while a request still arrives,
+    # and a larger answer would wait for acknowledgements queued behind the request.
+    window_size: int = 256 * 1024
+    reconnects: int = 40
 
 
 QUICK = Load(
     rtt_calls=50, bulk_size=256 * 1024, bulk_count=2, bulk_seconds=0, parallel_sessions=4,
     parallel_seconds=0.3, sessions=20, sessions_websockify=10, static_seconds=1,
-    wrk_connections=2, rounds=1,
+    wrk_connections=2, rounds=1, reconnects=3,
 )
 
 
@@ -323,7 +331,7 @@ def session_limits(env: Env) -> list[str]:
 
 def relay_command(name: str, port: int, env: Env, tls: bool) -> tuple[list[str], dict[str, Any]]:
     sock = str(env.socket)
-    if name == "forward":
+    if name in ("forward", "forward-resume"):
         cmd = [sys.executable, "-m", "forward", "-p", str(port), "-b", HOST, "-s", sock,
                "-r", str(env.www), "--heartbeat", "0", "--log-level", "warning"]
         if tls:
@@ -389,8 +397,9 @@ def start_relay(name: str, env: Env, tls: bool) -> Running:
 
 def step_runner(step: str, run: Running, env: Env, tls: bool, load: Load) -> Any:
     port, ca = run.port, env.ca if tls else None
+    resume = ["--resume"] if run.name == "forward-resume" else []
     if step == "rtt":
-        out = client("latency", port, ca, "--calls", str(load.rtt_calls), "--size", "64")
+        out = client("latency", port, ca, "--calls", str(load.rtt_calls), "--size", "64", *resume)
         run.sample("rtt_p50_us", out["p50_us"])
         run.sample("rtt_p99_us", out["p99_us"])
     elif step == "bulk":
@@ -398,6 +407,15 @@ def step_runner(step: str, run: Running, env: Env, tls: bool, load: Load) -> Any
                      "--count", str(load.bulk_count), "--seconds", str(load.bulk_seconds),
                      "--stall", "10" if load.bulk_seconds == 0 else "30")
         run.sample("bulk_mb_s", out["mb_per_s"])
+    elif step == "bulk_window":
+        out = client("bulk", port, ca, "--size", str(load.window_size),
+                     "--count", str(load.bulk_count * 8), "--seconds", str(load.bulk_seconds),
+                     "--stall", "10", *resume)
+        run.sample("bulk_window_mb_s", out["mb_per_s"])
+    elif step == "reconnect":
+        out = client("reconnect", port, ca, "--size", str(load.window_size),
+                     "--count", str(load.reconnects))
+        run.sample("reconnect_ms", out["p50_ms"])
     elif step == "parallel":
         outs = clients("parallel", port, ca, load.parallel_procs,
                        "--sessions", str(max(1, load.parallel_sessions // load.parallel_procs)),
@@ -415,13 +433,25 @@ def step_runner(step: str, run: Running, env: Env, tls: bool, load: Load) -> Any
         run.result.setdefault("sessions_detail", []).append(out)
 
 
+def wanted(relay: str, step: str) -> bool:
+    if relay == "forward-resume":
+        return step in RESUME_STEPS
+    if step == "reconnect":
+        return False
+    if step == "bulk_window":  # resume's comparison: forward with and without it
+        return relay == "forward"
+    if step == "static":
+        return relay in ("forward", "c-forward")
+    return True
+
+
 def measure(relays: list[str], env: Env, tls: bool, load: Load) -> dict[str, dict[str, Any]]:
     """All relays run side by side; each round measures every relay in turn, step by step,
     starting with a different relay each round, so that whatever else the machine is doing is
     spread over all of them. A figure is the median of its rounds."""
     running = [start_relay(name, env, tls) for name in relays]
     try:
-        steps = ["rtt", "bulk", "parallel", "static"]
+        steps = ["rtt", "bulk", "bulk_window", "reconnect", "parallel", "static"]
         # The thousands of sessions come last: they leave the machine busy for a while (the C
         # forward's and websockify's per-session processes exiting), which would otherwise
         # disturb whatever is measured next.
@@ -433,7 +463,7 @@ def measure(relays: list[str], env: Env, tls: bool, load: Load) -> dict[str, dic
                 for run in order:
                     if run.proc is None or step in run.result["notes"]:
                         continue
-                    if step == "static" and run.name not in ("forward", "c-forward"):
+                    if not wanted(run.name, step):
                         continue
                     if not run.proc.alive():
                         run.note(step, f"relay exited: {run.proc.log_tail()}")
@@ -523,6 +553,7 @@ def markdown(report: dict[str, Any]) -> str:
                 tgt = f"≤ {PSS_TARGET_KB:g} KB or ≤ {target}x"
             lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {tgt} | {ver[key]} |")
         lines.append("")
+        lines += resume_lines(res)
         notes = [(relay, step, text) for relay in RELAYS
                  for step, text in res.get(relay, {}).get("notes", {}).items()]
         notes += [(relay, "all", res[relay]["unavailable"]) for relay in RELAYS
@@ -543,6 +574,23 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resume_lines(res: dict[str, Any]) -> list[str]:
+    """Session resume on against off, same forward, same load (target: within 5%)."""
+    on, off = res.get("forward-resume", {}), res.get("forward", {})
+    out = []
+    for key in ("rtt_p50_us", "rtt_p99_us", "bulk_window_mb_s"):
+        a, b = on.get(key), off.get(key)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
+            label, unit, higher, _ = FIGURES[key]
+            q = a / b
+            ok = q >= 0.95 if higher else q <= 1.05
+            out.append(f"- {label}: resume {fmt(a)} {unit} against {fmt(b)} {unit} without "
+                       f"({q:.2f}x, {'within' if ok else 'OUTSIDE'} 5%)")
+    if isinstance(on.get("reconnect_ms"), (int, float)):
+        out.append(f"- reconnect to the first replayed byte: {fmt(on['reconnect_ms'])} ms (p50)")
+    return ["Session resume, on against off:", "", *out, ""] if out else []
+
+
 def chart(report: dict[str, Any], path: Path) -> str | None:
     try:
         import matplotlib
@@ -555,7 +603,8 @@ def chart(report: dict[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(len(schemes), 1, figsize=(11, 4.2 * len(schemes)), squeeze=False)
     keys = list(FIGURES)
     shown = [r for r in RELAYS if r != "c-forward"]
-    colours = {"forward": "#1f77b4", "websockify": "#ff7f0e", "ceiling": "#999999"}
+    colours = {"forward": "#1f77b4", "forward-resume": "#2ca02c", "websockify": "#ff7f0e",
+               "ceiling": "#999999"}
     for ax, scheme in zip(axes[:, 0], schemes, strict=True):
         rat = report["schemes"][scheme]["ratios"]
         width = 0.8 / len(shown)
@@ -599,6 +648,8 @@ def print_table(scheme: str, data: dict[str, Any]) -> None:
             cell = fmt(v) + (f" ({q:.2f}x)" if q is not None else "")
             row += f"{cell:>22}"
         print(row + f"{data['verdicts'][key]:>9}")
+    for line in resume_lines(res):
+        print(line)
 
 
 # -- main ---------------------------------------------------------------------------------------

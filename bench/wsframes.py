@@ -55,15 +55,27 @@ def echo_request(size: int, msg_id: int = 1) -> tuple[bytes, int]:
     return client_frame(qap_message(CMD_EVAL, msg_id, size)), 16 + size
 
 
-def handshake(host: str, port: int, secure: bool = False, path: str = "/") -> bytes:
+# forward's session resume (docs/resume.md): offered by `handshake(..., resume=True)`.
+RESUME_PROTOCOL = "rserve-resume.v1"
+
+
+def handshake(
+    host: str, port: int, secure: bool = False, path: str = "/", protocols: str = ""
+) -> bytes:
     # The Origin of a page served by the relay itself: forward only lets same-origin pages in.
     origin = f"{'https' if secure else 'http'}://{host}:{port}"
     key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Protocol: {protocols}\r\n" if protocols else ""
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {origin}\r\n\r\n"
+        f"Origin: {origin}\r\n{offer}\r\n"
     ).encode()
+
+
+def ack_frame(received: int) -> bytes:
+    """A resume client's acknowledgement (a masked text frame)."""
+    return client_frame(b'{"t":"ack","received":%d}' % received, opcode=0x1)
 
 
 class HandshakeError(Exception):
@@ -80,12 +92,14 @@ class FrameCounter:
     """Counts data-frame payload bytes in a server's byte stream, keeping at most one partial
     frame header (14 bytes) between calls."""
 
-    __slots__ = ("_data", "_head", "_left", "closed")
+    __slots__ = ("_data", "_head", "_last", "_left", "closed")
 
-    def __init__(self) -> None:
+    def __init__(self, text_is_data: bool = True) -> None:
         self._head = bytearray()
         self._left = 0
         self._data = True
+        # Under resume, text messages are forward's control messages, not data.
+        self._last = 0x2 if text_is_data else 0x0
         self.closed = False  # the server sent a close frame: no answer will come
 
     def feed(self, view: memoryview | bytes) -> int:
@@ -117,7 +131,7 @@ class FrameCounter:
                 hlen, length, opcode = parsed
                 pos += hlen
             self._left = length
-            self._data = opcode <= 0x2
+            self._data = opcode <= self._last or opcode == 0x2
             if opcode == 0x8:
                 self.closed = True
         return got
