@@ -384,7 +384,9 @@ class Server:
             c.max_result_size,
             c.idle_timeout,
             c.max_lifetime,
-            c.resume_grace,
+            # Sessions live in one worker and a resume may reach any: with --workers, most
+            # would be refused, so resume is off (the start-up log says so).
+            c.resume_grace if c.workers <= 1 else 0.0,
             c.resume_buffer,
             self.stats.slot(self.row),
         )

@@ -149,6 +149,12 @@ async def _serve(
         config.socket,
         config.heartbeat,
     )
+    if config.workers > 1 and config.resume_grace > 0:
+        log.warning(
+            "session resume is off with --workers %d: a resume could reach another worker than "
+            "its session's (docs/resume.md)",
+            config.workers,
+        )
     if lifecycle is not None:
         lifecycle.ready()
     if ready is not None:

@@ -26,7 +26,7 @@ from forward.resume import PROTOCOL, ResumeClose, ticket_token
 from forward.session import State
 from forward.stats import Stat
 
-from .conftest import PKI, Rserve, Running, StartForward
+from .conftest import PKI, Rserve, Running, StartForward, eventually
 from .cutproxy import DOWN, UP, CutProxy
 from .rclient import RClient
 from .resume_client import Gone, ResumeClient
@@ -78,15 +78,6 @@ def only_session(fwd: Running) -> ResumableSession:
     return session
 
 
-async def eventually(condition: Callable[[], bool], what: str, within: float = 20) -> None:
-    async with asyncio.timeout(within):
-        delay = 0.005
-        while not condition():
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-    assert condition(), what
-
-
 async def test_a_plain_client_is_not_resumable(
     rserve_qap: Rserve, start_forward: StartForward
 ) -> None:
@@ -127,7 +118,7 @@ async def test_workspace_and_r_process_survive_a_cut_during_an_evaluation(
     await c.eval("Sys.sleep(1.5); sum(as.numeric(1:1e6))", 3)
     await asyncio.sleep(0.3)
     proxy.cut()  # during R's sleep
-    await eventually(lambda: only_session(fwd).parked, "the session parks")
+    await eventually(lambda: only_session(fwd).parked, what="the session parks")
     assert fwd.server.stats.total(Stat.SESSIONS_PARKED) == 1
     await c.wait_messages(3)  # resumes
     await c.eval("x", 4)
@@ -149,7 +140,7 @@ async def test_a_client_close_ends_the_session_at_once(
     await c.eval("1", 1)
     await c.wait_messages(1)
     await c.ws.close()  # type: ignore[union-attr]
-    await eventually(lambda: not fwd.server.sessions, "the session ends")
+    await eventually(lambda: not fwd.server.sessions, what="the session ends")
     assert fwd.server.stats.total(Stat.PARKS) == 0
 
 
@@ -210,7 +201,7 @@ async def test_random_cuts_deliver_every_byte_exactly_once_in_order(
         await c.close()
         if session is not None:
             done = session
-            await eventually(lambda: done.core.state is State.CLOSED, "the session ends")
+            await eventually(lambda: done.core.state is State.CLOSED, what="the session ends")
 
 
 async def test_a_100_mb_result_cut_three_times_arrives_whole(
@@ -271,7 +262,7 @@ async def test_a_client_that_does_not_acknowledge_holds_r_back_within_the_window
         expr = rexp.string_param("as.raw(rep(1:255, length.out = 2e7))")
         await ws.send_bytes(Header(Cmd.EVAL, len(expr), 1).encode() + expr)
         session = only_session(fwd)
-        await eventually(lambda: session.resume.outbox.full, "the window fills")
+        await eventually(lambda: session.resume.outbox.full, what="the window fills")
         await asyncio.sleep(0.3)  # R goes on writing into its socket, forward does not read
         assert session.resume.outbox.kept < window + 256 * 1024
         assert session.bytes_from_r < 2_000_000
@@ -284,7 +275,7 @@ async def test_a_client_that_does_not_acknowledge_holds_r_back_within_the_window
                 got += len(msg.data)
         before = session.bytes_from_r
         await ws.send_json({"t": "ack", "received": got})
-        await eventually(lambda: session.bytes_from_r > before, "R is read again")
+        await eventually(lambda: session.bytes_from_r > before, what="R is read again")
         assert session.resume.outbox.kept < window + 256 * 1024
 
 
@@ -306,7 +297,7 @@ async def test_tickets_refused_with_their_codes_and_r_never_reached(
         await c.resume()
         await c.eval("1", 2)
         await c.wait_messages(2)  # an ack on the new connection: the old ticket is withdrawn
-        await eventually(lambda: only_session(fwd).resume._previous is None, "ticket settled")
+        await eventually(lambda: only_session(fwd).resume._previous is None, what="ticket settled")
         children = len(rserve.children())
 
         async def refused(token: str, **kw: object) -> int | None:
@@ -380,12 +371,12 @@ async def test_a_parked_session_expires_and_its_ticket_is_gone(
         await c.connect()
         await c.eval("1", 1)
         await c.wait_messages(1)
-        await eventually(lambda: len(rserve.children()) == 1, "one R process")
+        await eventually(lambda: len(rserve.children()) == 1, what="one R process")
         caplog.set_level(logging.INFO, "forward")
         proxy.cut()
-        await eventually(lambda: not fwd.server.sessions, "the parked session expires")
+        await eventually(lambda: not fwd.server.sessions, what="the parked session expires")
         assert "expired after 0.5 s without a resume" in caplog.text
-        await eventually(lambda: not rserve.children(), "its R process ends")
+        await eventually(lambda: not rserve.children(), what="its R process ends")
         with pytest.raises(Gone) as info:
             await c.resume()
             await c.wait_messages(2)
@@ -405,7 +396,7 @@ async def test_parked_sessions_count_towards_the_per_client_cap(
         await c.eval("1", 1)
         await c.wait_messages(1)
         proxy.cut()
-        await eventually(lambda: only_session(fwd).parked, "parked")
+        await eventually(lambda: only_session(fwd).parked, what="parked")
         async with aiohttp.ClientSession() as s:
             ws = await s.ws_connect(fwd.url("http"), protocols=(PROTOCOL,))
             msg = await ws.receive()
@@ -430,10 +421,10 @@ async def test_shutdown_ends_parked_sessions(
         await c.eval("1", 1)
         await c.wait_messages(1)
         proxy.cut()
-        await eventually(lambda: only_session(fwd).parked, "parked")
+        await eventually(lambda: only_session(fwd).parked, what="parked")
         await fwd.server.stop()
         assert not fwd.server.sessions and not fwd.server.resumable
-        await eventually(lambda: not rserve.children(), "R's process ends")
+        await eventually(lambda: not rserve.children(), what="R's process ends")
     finally:
         await c.close()
 
