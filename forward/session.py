@@ -187,10 +187,12 @@ class SessionCore:
                     continue
                 if item.first:
                     self.messages_from_r += 1
-                    # An answer settles the newest request: nested OCAP calls unwind like a
-                    # stack. (qap.is_response, inline: this runs for every message.)
+                    # An answer settles the newest request with its msg_id (Rserve echoes it):
+                    # nested OCAP calls unwind like a stack, and a client that sent several
+                    # requests before reading keeps the ones still owed. (qap.is_response,
+                    # inline: this runs for every message.)
                     if item.header.cmd & qap.CMD_RESP and self.pending:
-                        self.pending.pop()
+                        self._settle(item.header.msg_id)
                     send(Opcode.BINARY, item.data, item.last)
                 else:
                     send(Opcode.CONTINUATION, item.data, item.last)
@@ -199,6 +201,17 @@ class SessionCore:
             self._enter(State.CLOSING)
             raise
         return mode
+
+    def _settle(self, msg_id: int) -> None:
+        pending = self.pending
+        if pending[-1] == msg_id:
+            pending.pop()
+            return
+        for i in range(len(pending) - 2, -1, -1):
+            if pending[i] == msg_id:
+                del pending[i]
+                return
+        pending.pop()  # an answer with no matching request: the newest, as before
 
     def r_lost(self) -> End | None:
         """R closed its connection. Between two messages the browser stays (R_GONE, the pending

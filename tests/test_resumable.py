@@ -464,3 +464,29 @@ async def test_a_session_opened_with_a_certificate_resumes_only_with_that_certif
         assert c.values()[0] == c.values()[1]
     finally:
         await c.close()
+
+
+async def test_a_parked_session_keeps_its_lifetime(
+    fresh_rserve: Callable[..., Rserve],
+    start_forward: StartForward,
+    proxies: Callable[..., object],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Parking buys no time past --max-lifetime: the session ends then, grace or not."""
+    rserve = fresh_rserve()
+    fwd, proxy = await through(start_forward, rserve, proxies, max_lifetime=1.0)
+    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
+    try:
+        caplog.set_level(logging.INFO, "forward")
+        await c.connect()
+        await c.eval("1", 1)
+        await c.wait_messages(1)
+        proxy.cut()
+        await eventually(lambda: only_session(fwd).parked, what="parked")
+        await eventually(lambda: not fwd.server.sessions, what="the lifetime ends it", within=20)
+        assert "lifetime of 1 s reached" in caplog.text
+        assert fwd.server.stats.total(Stat.PARKS_EXPIRED) == 0  # not the grace: the lifetime
+        assert fwd.server.stats.total(Stat.SESSIONS_PARKED) == 0
+        await eventually(lambda: not rserve.children(), what="its R process ends")
+    finally:
+        await c.close()

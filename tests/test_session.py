@@ -371,3 +371,19 @@ def test_the_shutdown_notice_goes_only_between_messages(sent: bytes, noticed: bo
     assert core.close(notice=True) is True
     assert browser.take() == ([binary(NOTICE)] if noticed else [])
     assert core.state is State.CLOSING
+
+
+def test_an_answer_settles_the_request_with_its_msg_id() -> None:
+    """A client that sends requests 1, 2 and 3 before reading: R answers 1; when R then goes,
+    2 and 3 get ERR_conn_broken (newest first), not 1 and 2."""
+    sent: list[tuple[int, bytes]] = []
+    core = SessionCore(lambda op, data, fin: sent.append((op, bytes(data))))
+    core.connected()
+    core.from_r(b"Rsrv0103QAP1\r\n\r\n--------------\r\n")
+    for mid in (1, 2, 3):
+        core.from_browser(qap.Header(qap.Cmd.EVAL, 0, mid).encode())
+    core.from_r(qap.Header(qap.Cmd.RESP_OK, 0, 1).encode())
+    assert core.pending == [2, 3]
+    sent.clear()
+    assert core.r_lost() is None
+    assert [p for _, p in sent] == [qap.conn_broken(3), qap.conn_broken(2)]
