@@ -40,6 +40,7 @@ class ResumableSession(Session):
         "_backend_full",
         "_control",
         "_grace_timer",
+        "_quarter",
         "_registry",
         "_stalled",
         "client",
@@ -61,6 +62,7 @@ class ResumableSession(Session):
         super().__init__(settings, label, buffer, session_id, on_end)
         self.resume = ResumeState(settings.resume_buffer, subject=subject)
         self.grace = settings.resume_grace
+        self._quarter = settings.resume_buffer // 4
         self.client = client  # the address its per-client count is held under
         self._registry = registry
         registry[self.resume.key] = self
@@ -92,7 +94,7 @@ class ResumableSession(Session):
                 ws.write(head + chunk)
             else:
                 ws.writelines((head, chunk))
-        if outbox.full and not self._stalled:
+        if outbox.sent - outbox.acked >= outbox.limit and not self._stalled:  # outbox.full
             self._stalled = True
             self._stats.add(Stat.RESUME_STALLS)
             self._pause_r()
@@ -128,9 +130,10 @@ class ResumableSession(Session):
     # -- client -> R ---------------------------------------------------------------------------
 
     def ws_data(self, data: bytearray) -> None:
-        self.resume.received += len(data)
+        state = self.resume
+        state.received += len(data)
         self._to_backend(data)
-        if self.resume.ack_due():
+        if state.received - state.told >= self._quarter:  # state.ack_due(), inline: per message
             self._send_ack()
         elif self._ack_timer is None and self.ws is not None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_later)
