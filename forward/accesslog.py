@@ -16,7 +16,7 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .guard import Guard
+from .guard import Guard, shown
 from .stats import Slot
 
 log = logging.getLogger("forward.access")
@@ -51,8 +51,8 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.3fs',
             client,
-            request.method,
-            request.path_qs,
+            shown(request.method, 20),
+            shown(request.path_qs),
             request.version.major,
             request.version.minor,
             response.status,

@@ -210,6 +210,10 @@ def test_client_address_believes_only_trusted_proxies() -> None:
     assert client_address("::ffff:10.0.0.2", "5.5.5.5", trusted) == "5.5.5.5"
     assert client_address("", "5.5.5.5", ()) == "5.5.5.5"  # the unix-socket listener
     assert client_address("", None, ()) == "unix"
+    # What a proxy forwards is text from the client's side: printable and cut, for the log.
+    assert client_address("10.0.0.2", "\udcff\n" + "x" * 100, trusted) == (
+        "\\udcff\\x0a" + "x" * 51 + "..."
+    )
 
 
 def test_x_real_ip_is_believed_only_from_trusted_proxies() -> None:

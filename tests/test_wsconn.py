@@ -520,3 +520,72 @@ async def test_connection_header_is_read_as_tokens(
     writer.write(request)
     head = await peer.head()
     assert head.startswith(b"HTTP/1.1 101 " if upgraded else b"HTTP/1.1 426 ")
+
+
+def _hostile(port: int, case: str) -> bytes:
+    """The upgrade requests of issue 15 that once ended in a 500 or a 101."""
+    key = f"Sec-WebSocket-Key: {KEY}\r\n".encode()
+    head = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    host = f"Host: 127.0.0.1:{port}\r\n".encode()
+    parts = {
+        "key of 0xff bytes": b"Sec-WebSocket-Key: " + b"\xff" * 24 + b"\r\n" + V13.encode(),
+        "version 1 then 0xff": key + b"Sec-WebSocket-Version: 1\xff\r\n",
+        "origin [::1": key + V13.encode() + b"Origin: http://[::1\r\n",
+        "origin with 0xff": key + V13.encode() + b"Origin: http://\xff.example\r\n",
+        "two keys": key + key.replace(b"dGhl", b"AAAA") + V13.encode(),
+        "two versions": key + V13.encode() + b"Sec-WebSocket-Version: 8\r\n",
+    }
+    if case == "host [::1":
+        return b"GET / HTTP/1.1\r\nHost: [::1\r\n" + head + key + V13.encode() + b"\r\n"
+    if case == "http/1.0":
+        return b"GET / HTTP/1.0\r\n" + host + head + key + V13.encode() + b"\r\n"
+    if case == "cr lf in the path":
+        return (
+            b"GET /a\r\nX-Injected: yes HTTP/1.1\r\n" + host + head + key + V13.encode() + b"\r\n"
+        )
+    return b"GET / HTTP/1.1\r\n" + host + head + parts[case] + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("key of 0xff bytes", 400),
+        ("version 1 then 0xff", 426),
+        ("origin [::1", 403),
+        ("origin with 0xff", 403),
+        ("host [::1", 400),
+        ("two keys", 400),
+        ("two versions", 426),
+        ("http/1.0", 505),
+        ("cr lf in the path", 400),
+    ],
+)
+@pytest.mark.parametrize("listener", ["http", "ws"])
+async def test_hostile_handshakes_are_refused_with_a_4xx_and_one_line(
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    status: int,
+    listener: str,
+) -> None:
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port(listener)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Peer(reader, writer)
+    peers.append(peer)
+    caplog.clear()
+    writer.write(_hostile(port, case))
+    head = await peer.head()
+    assert head.split(b" ", 2)[1] == str(status).encode(), head
+    if status == 426:
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in head
+    body = await asyncio.wait_for(reader.read(1000), 10)
+    assert b"\xff" not in head + body  # client bytes are never sent back raw
+    assert echo.connections == 0  # R was never reached
+    records = [r for r in caplog.records if r.name.startswith(("forward", "aiohttp"))]
+    records = [r for r in records if r.name != "aiohttp.access"]
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
+    assert len(records) == 1, [r.getMessage() for r in records]  # one line, saying why
+    await works(fwd, listener)  # and the server goes on
