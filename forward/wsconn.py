@@ -373,9 +373,13 @@ class ServerWebSocket(asyncio.BufferedProtocol):
             self.closing = True
             self._why = f"browser closed ({event.code or int(CloseReason.NO_STATUS_RCVD)})"
             self.write(wsframe.close_frame(event.code or CloseReason.NORMAL_CLOSURE))
-        # The server ends the TCP connection (RFC 6455 section 7.1.1).
+        # The server ends the TCP connection (RFC 6455 section 7.1.1). close() waits until the
+        # send buffer is flushed, and a browser that reads nothing never lets it: it gets the
+        # close timeout, as every other end does.
         if self.transport is not None:
             self.transport.close()
+            if self._close_timer is None:
+                self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def _tick(self) -> None:
         # A ping only when the browser has been quiet for a whole interval; anything it sends

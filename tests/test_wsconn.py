@@ -11,6 +11,7 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -589,3 +590,71 @@ async def test_hostile_handshakes_are_refused_with_a_4xx_and_one_line(
     assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
     assert len(records) == 1, [r.getMessage() for r in records]  # one line, saying why
     await works(fwd, listener)  # and the server goes on
+
+
+async def _greet_then_leave_on_bye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
+) -> None:
+    """An Rserve that echoes like `echo`, but dies in the middle of its answer to `bye`."""
+    writer.write(ID_STRING)
+    while True:
+        try:
+            head = Header.parse(await reader.readexactly(16))
+            payload = await reader.readexactly(head.length)
+        except asyncio.IncompleteReadError:
+            return
+        if payload == b"bye":  # half an answer, then gone: the session must end
+            writer.write(Header(Cmd.RESP_OK, 100, head.msg_id).encode() + b"x")
+            return
+        writer.write(Header(Cmd.RESP_OK, len(payload), head.msg_id).encode() + payload)
+
+
+@pytest.mark.parametrize("ending", ["browser close", "protocol error", "R dies mid-answer"])
+async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
+    tmp_path: Path,
+    start_forward: StartForward,
+    peers: list[Peer],
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+) -> None:
+    """Issue 15 §4: a browser that stopped reading holds forward's send buffer full; however the
+    session ends then, the TCP connection and R's are gone within the close timeout."""
+    from forward import wsconn
+
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.2)
+    fake = await FakeRserve(tmp_path / "r.sock", _greet_then_leave_on_bye).start()
+    try:
+        fwd = await start_forward(fake.path)
+        port = fwd.server.port("http")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        peer = Peer(reader, writer)
+        peers.append(peer)
+        writer.write(upgrade(port, extra=V13))
+        await peer.head()
+        await peer.data_frame()
+        (session,) = fwd.server.sessions
+        ws = session.ws
+        assert ws is not None and ws.transport is not None
+        transport = ws.transport
+        # Forward's side made small and never pushing back: the pongs it owes stay queued in
+        # forward, as with a browser that flooded pings and stopped reading (the issue's client
+        # needs ~24,000 pings to get there).
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=64 << 20)
+        pings = client_frame(Opcode.PING, b"p" * 125) * 4000
+        end = {
+            "browser close": client_frame(Opcode.CLOSE, struct.pack("!H", 1000)),
+            "protocol error": client_frame(3, b""),  # a reserved opcode
+            "R dies mid-answer": client_frame(Opcode.BINARY, qap_call(b"bye")),
+        }[ending]
+        writer.write(pings + end)
+        async with asyncio.timeout(10):
+            await fwd.server.sessions.emptied()  # R's connection closed, the slot released
+            await fake.closed.wait()
+        assert ws.transport is None  # the TCP connection is gone, unsent pongs and all
+    finally:
+        await fake.stop()
