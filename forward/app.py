@@ -434,7 +434,7 @@ class Server:
             except OSError as exc:
                 raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
             rules = parse_ip_rules(text, c.ip_rules)
-        trusted = parse_networks(getattr(c, "trusted_proxy", ()))
+        trusted = parse_networks(c.trusted_proxies)
         capacity = session_capacity(c.max_sessions)
         return Guard(
             GuardSettings(c.allow_origin, rules, trusted, capacity, c.max_sessions_per_client)

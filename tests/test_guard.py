@@ -263,7 +263,7 @@ async def test_proxy_headers_count_only_from_a_trusted_proxy(
     origin = "https://r.example.com:8443"
     said = {"X-Forwarded-Host": "r.example.com:8443", "X-Forwarded-Proto": "https"}
     rfc = {"Forwarded": 'for=192.0.2.1;host="r.example.com:8443";proto=https'}
-    untrusted = await start_forward(echo.path)
+    untrusted = await start_forward(echo.path, trusted_proxy=("none",))
     async with aiohttp.ClientSession() as s:
         for headers in (said, rfc):
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
