@@ -21,7 +21,7 @@ from typing import Any, cast
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
 from . import accesslog, health, resume, tls, wsconn
-from .aiohttp_private import WrappingRunner
+from .aiohttp_private import SERVER, WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
     Authority,
@@ -332,6 +332,11 @@ async def client_certificate(request: web.Request, handler: Handler) -> web.Stre
     return await handler(request)
 
 
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No Python or aiohttp version for anyone to read."""
+    response.headers[hdrs.SERVER] = SERVER
+
+
 def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     async def add_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[hdrs.STRICT_TRANSPORT_SECURITY] = f"max-age={max_age}"
@@ -376,6 +381,7 @@ def build_app(
     if config is not None and config.tls and tls.parse_policy(config.tls_client).mode == "require":
         middlewares.append(client_certificate)
     app = web.Application(handler_args={"max_field_size": 16384}, middlewares=middlewares)
+    app.on_response_prepare.append(server_header)
     app[GUARD] = guard
     app[WS_PING] = ws_ping
     if config is not None:
@@ -474,6 +480,7 @@ class Server:
         if c.admin_port > 0:
             admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
+            apps["admin"].on_response_prepare.append(server_header)
         stats_row = relay.stats
         if isinstance(self.ssl_context, ssl.SSLContext):
             health.count_tls_failures(self.ssl_context, stats_row)
@@ -496,6 +503,7 @@ class Server:
                     access_log_class=accesslog.AccessLogger,
                     # Health checks and scrapes every few seconds would drown the access log.
                     access_log=accesslog.log if name != "admin" else None,
+                    logger=accesslog.MalformedRequests(name, relay.stats),
                     shutdown_timeout=c.shutdown_timeout,
                 )
                 await runner.setup()
