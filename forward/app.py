@@ -87,12 +87,17 @@ BUFFERS = web.AppKey("read_buffers", tuple[wsconn.ReadBuffer, wsconn.ReadBuffer]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def wants_upgrade(request: web.BaseRequest) -> bool:
+    """`Connection: upgrade` (a token of it), whatever it asks for."""
+    tokens = request.headers.get(hdrs.CONNECTION, "").split(",")
+    return "upgrade" in (token.strip().lower() for token in tokens)
+
+
 def is_upgrade(request: web.Request) -> bool:
     return (
         request.method == "GET"
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        and "upgrade"
-        in (token.strip().lower() for token in request.headers.get(hdrs.CONNECTION, "").split(","))
+        and wants_upgrade(request)
     )
 
 
@@ -333,8 +338,12 @@ async def client_certificate(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """No Python or aiohttp version for anyone to read."""
+    """No Python or aiohttp version for anyone to read; and a request that asked for an upgrade
+    and is answered without one ends its connection: aiohttp's parser reads nothing more on a
+    connection after `Connection: upgrade`, so it would stay open, unread, for ever."""
     response.headers[hdrs.SERVER] = SERVER
+    if response.status != 101 and wants_upgrade(request):
+        response.force_close()
 
 
 def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

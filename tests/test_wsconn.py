@@ -658,3 +658,24 @@ async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
         assert ws.transport is None  # the TCP connection is gone, unsent pongs and all
     finally:
         await fake.stop()
+
+
+@pytest.mark.parametrize("listener", ["http", "ws"])
+async def test_an_upgrade_answered_without_one_ends_the_connection(
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer], listener: str
+) -> None:
+    """aiohttp's parser reads nothing more after `Connection: Upgrade`: a request that asked for
+    another protocol, answered with 404 or 426, must not leave its connection open, unread."""
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port(listener)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Peer(reader, writer)
+    peers.append(peer)
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    head = await peer.head()
+    assert head.split(b" ", 2)[1] in (b"404", b"426")
+    await asyncio.wait_for(reader.read(), 10)  # and then the end, not a wait for ever
+    assert echo.connections == 0
