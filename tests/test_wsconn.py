@@ -609,7 +609,9 @@ async def _greet_then_leave_on_bye(
         writer.write(Header(Cmd.RESP_OK, len(payload), head.msg_id).encode() + payload)
 
 
-@pytest.mark.parametrize("ending", ["browser close", "protocol error", "R dies mid-answer"])
+@pytest.mark.parametrize(
+    "ending", ["browser close", "protocol error", "R dies mid-answer", "max lifetime"]
+)
 async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
     tmp_path: Path,
     start_forward: StartForward,
@@ -624,7 +626,8 @@ async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
     monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.2)
     fake = await FakeRserve(tmp_path / "r.sock", _greet_then_leave_on_bye).start()
     try:
-        fwd = await start_forward(fake.path)
+        lifetime = 1.0 if ending == "max lifetime" else 0.0
+        fwd = await start_forward(fake.path, max_lifetime=lifetime)
         port = fwd.server.port("http")
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -650,6 +653,7 @@ async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
             "browser close": client_frame(Opcode.CLOSE, struct.pack("!H", 1000)),
             "protocol error": client_frame(3, b""),  # a reserved opcode
             "R dies mid-answer": client_frame(Opcode.BINARY, qap_call(b"bye")),
+            "max lifetime": b"",  # forward ends it
         }[ending]
         writer.write(pings + end)
         async with asyncio.timeout(10):
