@@ -13,23 +13,28 @@ failing at its first WebSocket session, slow client or static file:
 - `FileResponse`'s choice of file and its send path when `sendfile` is missing
   (`ChosenFileResponse`: `_get_file_path_stat_encoding`, `_sendfile_fallback`);
 - a listener that runs its own accept loop (`AcceptingSite`: `_runner`, `_sock`, `_server`);
-- the compiled WebSocket mask (`websocket_mask`: `aiohttp._websocket.helpers.websocket_mask`).
+- the compiled WebSocket mask (`websocket_mask`: `aiohttp._websocket.helpers.websocket_mask`);
+- the answer to a request aiohttp's parser refused (`PlainParseErrors`: the connection
+  handler's class is swapped for a subclass with its own `handle_error`; `parse_failure` reads
+  the parser's `HttpProcessingError`), which would otherwise echo the request's bytes back and
+  announce aiohttp's version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
-
-if TYPE_CHECKING:
-    from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 # (where, attribute): what the wrappers below use. Instance attributes are checked on an instance.
 RELIES_ON = (
@@ -44,7 +49,12 @@ RELIES_ON = (
     ("aiohttp.web_runner.SockSite", "_sock"),
     ("aiohttp.web_runner.SockSite", "_server"),
     ("aiohttp._websocket.helpers", "websocket_mask"),
+    ("aiohttp.web_protocol.RequestHandler", "handle_error"),
+    ("aiohttp.web_protocol.RequestHandler", "logger"),
+    ("aiohttp.http_exceptions", "HttpProcessingError"),
 )
+
+SERVER = "forward"  # the Server header: no Python or aiohttp version for anyone to read
 
 
 def detach(handler: RequestHandler) -> bytes:
@@ -71,7 +81,8 @@ class WrappingRunner(web.AppRunner):
     """An AppRunner whose protocol factory a subclass may wrap (`wrap_server`)."""
 
     async def _make_server(self) -> web.Server:
-        return self.wrap_server(await super()._make_server())
+        server = await super()._make_server()
+        return self.wrap_server(cast(web.Server, PlainParseErrors(server)))
 
     def wrap_server(self, server: web.Server) -> web.Server:
         return server
@@ -126,3 +137,56 @@ def websocket_mask() -> Callable[[bytes, bytearray], None] | None:
     except ImportError:  # pragma: no cover - depends on the aiohttp build
         return None
     return mask
+
+
+def parse_failure(exc: BaseException | None) -> tuple[int, str] | None:
+    """(status, what was wrong) when `exc` is aiohttp's parser refusing a request, else None.
+    What was wrong is the first line of the parser's message (the next ones quote the
+    request). aiohttp's LineTooLong does not say whether a header or the request line was too
+    long, so it stays 400 (RFC 6585's 431 would need that)."""
+    if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 400) < 500:
+        return None
+    what = (exc.message or type(exc).__name__).split("\n", 1)[0]
+    what = re.split(r": *(?:b['\"]|bytearray\()", what, maxsplit=1)[0].rstrip(": ")
+    return exc.code or 400, what
+
+
+class _PlainParseErrors(RequestHandler):
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        failure = parse_failure(exc) if status < 500 else None
+        if failure is None:
+            response = super().handle_error(request, status, exc, message)
+        else:
+            # The logger (accesslog.MalformedRequests) turns this into one line.
+            self.logger.exception("Error handling request from %s", request.remote, exc_info=exc)
+            status = failure[0]
+            response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
+            response.force_close()
+        response.headers[hdrs.SERVER] = SERVER
+        return response
+
+
+class PlainParseErrors:
+    """Protocol factory wrapper: a request aiohttp's parser refuses is answered with its status
+    and phrase only (aiohttp's body repeats the offending bytes) and `Server: forward`, and is
+    reported to the handler's logger with the parser's exception (its `AppRunner(logger=)`)."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def __call__(self) -> Any:
+        handler = self._server()
+        if type(handler) is RequestHandler:
+            handler.__class__ = _PlainParseErrors
+        return handler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)

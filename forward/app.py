@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
 from . import accesslog, health, resume, tls, wsconn
-from .aiohttp_private import WrappingRunner
+from .aiohttp_private import SERVER, WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
     Authority,
@@ -33,6 +33,7 @@ from .guard import (
     browser_authority,
     parse_ip_rules,
     parse_networks,
+    valid_host,
 )
 from .listeners import bind_listeners, show_address
 from .relay import RelaySettings, Session
@@ -86,12 +87,17 @@ BUFFERS = web.AppKey("read_buffers", tuple[wsconn.ReadBuffer, wsconn.ReadBuffer]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def wants_upgrade(request: web.BaseRequest) -> bool:
+    """`Connection: upgrade` (a token of it), whatever it asks for."""
+    tokens = request.headers.get(hdrs.CONNECTION, "").split(",")
+    return "upgrade" in (token.strip().lower() for token in tokens)
+
+
 def is_upgrade(request: web.Request) -> bool:
     return (
         request.method == "GET"
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        and "upgrade"
-        in (token.strip().lower() for token in request.headers.get(hdrs.CONNECTION, "").split(","))
+        and wants_upgrade(request)
     )
 
 
@@ -110,15 +116,24 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     relay = app[RELAY]
     offered = wsconn.subprotocols(request)
     offer = resume.parse_offer(offered)
-    if offer.resume and relay.resume_grace > 0:
-        answer = wsconn.handshake(request, resume.PROTOCOL)
-        if offer.resuming:
-            return await _resume_session(request, client, offer, answer)
-    else:
-        # A ticket is never echoed; otherwise the first offer, as always.
-        plain = [p for p in offered if not p.startswith(resume.TICKET_PREFIX)]
-        answer = wsconn.handshake(request, plain[0] if plain else "")
-        offer = resume.Offer(False)
+    try:
+        hosts = request.headers.getall(hdrs.HOST, ())
+        if len(hosts) != 1 or not valid_host(hosts[0]):
+            raise web.HTTPBadRequest(text="Bad WebSocket handshake: invalid Host.\n")
+        if offer.resume and relay.resume_grace > 0:
+            answer = wsconn.handshake(request, resume.PROTOCOL)
+        else:
+            # A ticket is never echoed; otherwise the first offer, as always.
+            plain = [p for p in offered if not p.startswith(resume.TICKET_PREFIX)]
+            answer = wsconn.handshake(request, plain[0] if plain else "")
+            offer = resume.Offer(False)
+    except web.HTTPClientError as refused:
+        # The body says what was wrong, with the client's text made printable and cut.
+        why = (refused.text or refused.reason).strip()
+        log.warning("refused WebSocket from %s on %s: %s", client, app[LISTENER], why)
+        raise
+    if offer.resuming:
+        return await _resume_session(request, client, offer, answer)
     subject = _verified_subject(request) if offer.resume else None  # before the take-over
     refusal = None
     try:
@@ -237,6 +252,27 @@ def guard_authority(request: web.Request, guard: Guard) -> Authority | None:
 
 
 @web.middleware
+async def http11_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request below HTTP/1.1 is refused: RFC 6455 section 4.1 asks HTTP/1.1 of an
+    upgrade, and a request line with a raw CR LF in its target reads as HTTP/0.9 whose next
+    lines become headers (an upgrade, once). Browsers have sent HTTP/1.1 for decades, and nginx
+    in front of forward needs `proxy_http_version 1.1` for WebSocket anyway."""
+    version = request.version
+    if version >= HttpVersion11:
+        return await handler(request)
+    log.warning(
+        "refused HTTP/%d.%d request from %s on %s",
+        version.major,
+        version.minor,
+        request.remote or "unix",
+        request.app[LISTENER],
+    )
+    if version < HttpVersion10:  # a malformed request line, in practice
+        raise web.HTTPBadRequest(text="Bad request line.\n")
+    raise web.HTTPVersionNotSupported(text="This server speaks HTTP/1.1.\n")
+
+
+@web.middleware
 async def ip_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
     guard = request.app[GUARD]
     client = guard.client(
@@ -301,6 +337,15 @@ async def client_certificate(request: web.Request, handler: Handler) -> web.Stre
     return await handler(request)
 
 
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No Python or aiohttp version for anyone to read; and a request that asked for an upgrade
+    and is answered without one ends its connection: aiohttp's parser reads nothing more on a
+    connection after `Connection: upgrade`, so it would stay open, unread, for ever."""
+    response.headers[hdrs.SERVER] = SERVER
+    if response.status != 101 and wants_upgrade(request):
+        response.force_close()
+
+
 def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     async def add_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[hdrs.STRICT_TRANSPORT_SECURITY] = f"max-age={max_age}"
@@ -339,10 +384,13 @@ def build_app(
     resumable: dict[str, ResumableSession] | None = None,
 ) -> web.Application:
     guard = guard or Guard(GuardSettings())
-    middlewares = [ip_rules] if guard.settings.ip_rules else []
+    middlewares = [http11_only]
+    if guard.settings.ip_rules:
+        middlewares.append(ip_rules)
     if config is not None and config.tls and tls.parse_policy(config.tls_client).mode == "require":
         middlewares.append(client_certificate)
     app = web.Application(handler_args={"max_field_size": 16384}, middlewares=middlewares)
+    app.on_response_prepare.append(server_header)
     app[GUARD] = guard
     app[WS_PING] = ws_ping
     if config is not None:
@@ -401,7 +449,7 @@ class Server:
             except OSError as exc:
                 raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
             rules = parse_ip_rules(text, c.ip_rules)
-        trusted = parse_networks(getattr(c, "trusted_proxy", ()))
+        trusted = parse_networks(c.trusted_proxies)
         capacity = session_capacity(c.max_sessions)
         return Guard(
             GuardSettings(c.allow_origin, rules, trusted, capacity, c.max_sessions_per_client)
@@ -441,6 +489,7 @@ class Server:
         if c.admin_port > 0:
             admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
+            apps["admin"].on_response_prepare.append(server_header)
         stats_row = relay.stats
         if isinstance(self.ssl_context, ssl.SSLContext):
             health.count_tls_failures(self.ssl_context, stats_row)
@@ -463,6 +512,7 @@ class Server:
                     access_log_class=accesslog.AccessLogger,
                     # Health checks and scrapes every few seconds would drown the access log.
                     access_log=accesslog.log if name != "admin" else None,
+                    logger=accesslog.MalformedRequests(name, relay.stats),
                     shutdown_timeout=c.shutdown_timeout,
                 )
                 await runner.setup()

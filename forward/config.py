@@ -24,6 +24,10 @@ def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, **kw:
     return field(default=default, metadata={"flags": flags, "help": help, "metavar": metavar, **kw})
 
 
+# Trusted as proxies unless --trusted-proxy says otherwise (uvicorn and gunicorn do the same).
+LOOPBACK = ("127.0.0.0/8", "::1")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     http_port: int = _opt(
@@ -300,8 +304,10 @@ class Config:
         (),
         "--trusted-proxy",
         metavar="ADDR[/BITS]",
-        help="a proxy (address or network) whose X-Forwarded-For and X-Real-IP headers are "
-        "believed; repeatable (default: none, such headers from clients are replaced)",
+        help="a proxy (address or network) whose X-Forwarded-For, X-Real-IP and forwarded host "
+        "headers are believed; repeatable, replaces the default; 'none' believes no peer "
+        "(default: loopback, 127.0.0.0/8 and ::1, as a proxy on this host is; such headers "
+        "from other clients are replaced)",
     )
     drain_timeout: float = _opt(
         0.0,
@@ -360,6 +366,17 @@ class Config:
         return self.tls_key is not None
 
     @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        """The networks --trusted-proxy means: loopback when none is named (nginx or a sidecar
+        on this host, as in the README: every browser would otherwise be one client, capped by
+        --max-sessions-per-client), nothing for `none`."""
+        if not self.trusted_proxy:
+            return LOOPBACK
+        if "none" in self.trusted_proxy:
+            return ()
+        return self.trusted_proxy
+
+    @property
     def hosts(self) -> tuple[str, ...] | None:
         """Addresses to bind, or None for all interfaces (aiohttp's and the C program's default)."""
         return self.bind or None
@@ -397,7 +414,9 @@ class Config:
             self.redirect_port > 0 and self.redirect_port in (self.http_port, self.ws_port)
         ):
             raise ConfigError(f"--redirect-port {self.redirect_port}: give a free port (1-65535)")
-        for proxy in self.trusted_proxy:
+        if "none" in self.trusted_proxy and len(self.trusted_proxy) > 1:
+            raise ConfigError("--trusted-proxy none cannot be given with other proxies")
+        for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:

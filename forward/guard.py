@@ -117,7 +117,7 @@ def client_address(
         return real if real and _valid(real) else peer
     for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
         if hop and not _in(hop, trusted):
-            return hop
+            return shown(hop, 64)  # the proxy's word: counted, logged, never trusted as text
     return peer
 
 
@@ -250,6 +250,11 @@ def _split_authority(value: str) -> tuple[str, int | None] | None:
         return None
     host = (parts.hostname or "").rstrip(".")
     return (host, port) if host else None
+
+
+def valid_host(value: str) -> bool:
+    """Whether a Host header names a host (RFC 9112 section 3.2: otherwise 400)."""
+    return _split_authority(value) is not None
 
 
 def _last(value: str | None) -> str | None:

@@ -72,6 +72,11 @@ class StatsCollector(Collector):
             "TLS handshakes that failed",
             value=s.total(Stat.TLS_HANDSHAKE_FAILURES),
         )
+        yield CounterMetricFamily(
+            "forward_malformed_requests",
+            "HTTP requests the parser refused with 400 (one rate-limited log line each)",
+            value=s.total(Stat.MALFORMED_REQUESTS),
+        )
         yield GaugeMetricFamily(
             "forward_sessions_parked",
             "resumable sessions whose connection broke, waiting for their client",

@@ -126,7 +126,7 @@ class RScripts:
             config.backend_timeout,
             config.max_body_size,
             config.max_message_size,
-            tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxy),
+            tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies),
         )
 
     def find_script(self, target: Target) -> tuple[str, str]:

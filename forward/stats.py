@@ -59,6 +59,7 @@ class Stat(enum.IntEnum):
     REPLAYED_BYTES = 13
     RESUME_STALLS = 14  # reading from R paused because the client's window was full
     RESUMES_REFUSED = 15
+    MALFORMED_REQUESTS = 16  # refused by the HTTP parser (accesslog.MalformedRequests)
 
 
 _HTTP_BASE = len(Stat)

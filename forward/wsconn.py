@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import hdrs, web
 
 from . import aiohttp_private, wsframe
+from .guard import shown
 from .wsframe import Close, CloseReason, Opcode, Ping, ProtocolError, Text
 
 if TYPE_CHECKING:
@@ -65,16 +65,22 @@ def handshake(request: web.Request, protocol: str | None = None) -> bytes:
     extension is accepted (permessage-deflate would cost CPU and memory on every session and
     QAP payloads are mostly binary)."""
     headers = request.headers
-    version = headers.get(hdrs.SEC_WEBSOCKET_VERSION, "")
+    # Sent more than once, the values are read as one list (RFC 9110 section 5.3): `13` then
+    # `8` is `13, 8`, which asks for a version this server does not speak.
+    version = ", ".join(headers.getall(hdrs.SEC_WEBSOCKET_VERSION, ()))
     if version != "13":
         raise web.HTTPUpgradeRequired(
-            text=f"Unsupported WebSocket version {version or '(none)'}: this server speaks 13.\n",
+            text=f"Unsupported WebSocket version {shown(version, 40) or '(none)'}: "
+            "this server speaks 13.\n",
             headers={hdrs.SEC_WEBSOCKET_VERSION: "13", hdrs.UPGRADE: "websocket"},
         )
-    key = headers.get(hdrs.SEC_WEBSOCKET_KEY, "").strip()
+    keys = headers.getall(hdrs.SEC_WEBSOCKET_KEY, ())
+    if len(keys) > 1:  # RFC 6455 section 11.3.1: it must not appear more than once
+        raise web.HTTPBadRequest(text="Bad WebSocket handshake: Sec-WebSocket-Key sent twice.\n")
+    key = keys[0].strip() if keys else ""
     try:
         valid = len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a key that is not ASCII
         valid = False
     if not valid:
         raise web.HTTPBadRequest(text="Bad WebSocket handshake: invalid Sec-WebSocket-Key.\n")
@@ -367,9 +373,13 @@ class ServerWebSocket(asyncio.BufferedProtocol):
             self.closing = True
             self._why = f"browser closed ({event.code or int(CloseReason.NO_STATUS_RCVD)})"
             self.write(wsframe.close_frame(event.code or CloseReason.NORMAL_CLOSURE))
-        # The server ends the TCP connection (RFC 6455 section 7.1.1).
+        # The server ends the TCP connection (RFC 6455 section 7.1.1). close() waits until the
+        # send buffer is flushed, and a browser that reads nothing never lets it: it gets the
+        # close timeout, as every other end does.
         if self.transport is not None:
             self.transport.close()
+            if self._close_timer is None:
+                self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def _tick(self) -> None:
         # A ping only when the browser has been quiet for a whole interval; anything it sends

@@ -73,3 +73,27 @@ def test_the_compiled_mask_agrees_with_ours() -> None:
     mask(b"\x01\x02\x03\x04", data)
     _mask_python(b"\x01\x02\x03\x04", expected)
     assert data == expected
+
+
+async def test_a_connection_handler_takes_the_plain_parse_error_answer() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage
+    from aiohttp.test_utils import make_mocked_request
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(handler)
+    try:
+        connection = aiohttp_private.PlainParseErrors(server)()
+        assert type(connection).__name__ == "_PlainParseErrors", "RequestHandler's layout changed"
+        seen: list[BaseException] = []
+        connection.logger = type(
+            "L", (), {"exception": lambda *a, exc_info: seen.append(exc_info)}
+        )()
+        bad = BadHttpMessage("Invalid header token:\n\n  b'X-A : 1'")
+        answer = connection.handle_error(make_mocked_request("GET", "/"), 400, bad, bad.message)
+        assert isinstance(answer, web.Response) and answer.status == 400
+        assert answer.text == "400 Bad Request\n" and answer.headers["Server"] == "forward"
+        assert seen == [bad]  # RequestHandler.logger is what reports it
+    finally:
+        await server.shutdown()

@@ -33,3 +33,11 @@ def test_one_kind_for_the_command_line_and_the_file() -> None:
     assert kinds["bind"] == "list" and kinds["follow_symlinks"] == "flag"
     assert kinds["http_port"] == "int" and kinds["heartbeat"] == "float"
     assert kinds["tls_min_version"] == "str" and kinds["pid_file"] == "str"
+
+
+def test_loopback_is_a_trusted_proxy_unless_told_otherwise() -> None:
+    assert Config().validate().trusted_proxies == ("127.0.0.0/8", "::1")
+    assert Config(trusted_proxy=("10.0.0.0/8",)).validate().trusted_proxies == ("10.0.0.0/8",)
+    assert Config(trusted_proxy=("none",)).validate().trusted_proxies == ()
+    with pytest.raises(ConfigError, match="--trusted-proxy none cannot be given with"):
+        Config(trusted_proxy=("none", "10.0.0.1")).validate()

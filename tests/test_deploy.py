@@ -336,3 +336,42 @@ async def test_nginx_to_forward_over_a_unix_socket(rserve_qap: Rserve, tmp_path:
                 assert server.stats.total(Stat.SESSIONS_OPEN) == 1
     finally:
         await server.stop()
+
+
+@pytest.mark.rserve
+async def test_behind_nginx_the_per_client_cap_counts_browsers_not_nginx(
+    rserve_qap: Rserve, forward_cli: StartCli, tmp_path: Path
+) -> None:
+    """Issue 15 §5: the README's command line (`-b 127.0.0.1 -p PORT -s ...`, no
+    --trusted-proxy) behind the shipped nginx settings. nginx is a loopback peer, trusted by
+    default, so each browser is counted on its own address. The cap is set to 2 instead of the
+    issue's 300 browsers against the default 256: three addresses with two sessions each (six
+    from nginx's one address), and a third from one of them refused, prove the same rule."""
+    need(NGINX, "nginx (nginx-light)")
+    fwd = await forward_cli("-s", str(rserve_qap.socket), "--max-sessions-per-client", "2")
+    shipped = (DEPLOY / "nginx" / "forward.conf").read_text()
+    location = re.search(r"    location / \{.*?\n    \}\n", shipped, re.S)
+    upgrade_map = re.search(r"map \$http_upgrade.*?\n\}\n", shipped, re.S)
+    assert location and upgrade_map
+    port = free_port()
+    site = (
+        f"upstream forward {{ server 127.0.0.1:{fwd.ports['-p']}; }}\n{upgrade_map[0]}"
+        f"server {{\n    listen 127.0.0.1:{port};\n{location[0]}}}\n"
+    )
+    url = f"ws://127.0.0.1:{port}/"
+    browsers = ("192.0.2.1", "198.51.100.2", "203.0.113.3")
+    with nginx(tmp_path / "nginx", site, port):
+        clients = []
+        try:
+            for address in browsers * 2:
+                c = await RClient.connect(url, headers={"X-Forwarded-For": address})
+                clients.append(c)
+                assert (await c.eval("1 + 1")).value == [2.0]
+            async with aiohttp.ClientSession() as s:
+                ws = await s.ws_connect(url, headers={"X-Forwarded-For": browsers[0]})
+                await ws.receive()
+                assert ws.close_code == 1013
+            await fwd.expect(f"too many sessions from {browsers[0]}")
+        finally:
+            for c in clients:
+                await c.close()

@@ -210,6 +210,10 @@ def test_client_address_believes_only_trusted_proxies() -> None:
     assert client_address("::ffff:10.0.0.2", "5.5.5.5", trusted) == "5.5.5.5"
     assert client_address("", "5.5.5.5", ()) == "5.5.5.5"  # the unix-socket listener
     assert client_address("", None, ()) == "unix"
+    # What a proxy forwards is text from the client's side: printable and cut, for the log.
+    assert client_address("10.0.0.2", "\udcff\n" + "x" * 100, trusted) == (
+        "\\udcff\\x0a" + "x" * 51 + "..."
+    )
 
 
 def test_x_real_ip_is_believed_only_from_trusted_proxies() -> None:
@@ -259,7 +263,7 @@ async def test_proxy_headers_count_only_from_a_trusted_proxy(
     origin = "https://r.example.com:8443"
     said = {"X-Forwarded-Host": "r.example.com:8443", "X-Forwarded-Proto": "https"}
     rfc = {"Forwarded": 'for=192.0.2.1;host="r.example.com:8443";proto=https'}
-    untrusted = await start_forward(echo.path)
+    untrusted = await start_forward(echo.path, trusted_proxy=("none",))
     async with aiohttp.ClientSession() as s:
         for headers in (said, rfc):
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:

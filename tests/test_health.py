@@ -138,7 +138,7 @@ async def test_access_log_line_and_trusted_proxy(
     fwd = await with_admin(rserve_qap.socket, trusted_proxy=("127.0.0.1",))
     caplog.set_level(logging.INFO, logger="forward.access")
     await get(fwd.url("http", "/a?b=1"), headers={"X-Forwarded-For": "203.0.113.9"})
-    untrusted = await with_admin(rserve_qap.socket)
+    untrusted = await with_admin(rserve_qap.socket, trusted_proxy=("none",))
     await get(untrusted.url("http", "/c"), headers={"X-Forwarded-For": "203.0.113.9"})
     await get(untrusted.url("admin", "/livez"))  # probes stay out of the access log
     await get(fwd.url("http", "/d"), headers={"X-Real-IP": "198.51.100.7"})

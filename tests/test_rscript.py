@@ -364,7 +364,8 @@ async def test_r_errors_are_500_and_server_goes_on(
 async def test_post_body_and_headers_reach_r_intact(
     rpages: Rserve, docroot: Path, start_forward: StartForward
 ) -> None:
-    fwd = await serve(start_forward, docroot, rpages.socket)
+    # Loopback is a trusted proxy by default; here the test client is the client.
+    fwd = await serve(start_forward, docroot, rpages.socket, trusted_proxy=("none",))
     body = os.urandom(200_000) + b"\0\0\xff"
     ctype = "multipart/form-data; boundary=----AbCdEfGhIjK"
     async with (

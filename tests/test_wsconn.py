@@ -11,6 +11,7 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -520,3 +521,165 @@ async def test_connection_header_is_read_as_tokens(
     writer.write(request)
     head = await peer.head()
     assert head.startswith(b"HTTP/1.1 101 " if upgraded else b"HTTP/1.1 426 ")
+
+
+def _hostile(port: int, case: str) -> bytes:
+    """The upgrade requests of issue 15 that once ended in a 500 or a 101."""
+    key = f"Sec-WebSocket-Key: {KEY}\r\n".encode()
+    head = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    host = f"Host: 127.0.0.1:{port}\r\n".encode()
+    parts = {
+        "key of 0xff bytes": b"Sec-WebSocket-Key: " + b"\xff" * 24 + b"\r\n" + V13.encode(),
+        "version 1 then 0xff": key + b"Sec-WebSocket-Version: 1\xff\r\n",
+        "origin [::1": key + V13.encode() + b"Origin: http://[::1\r\n",
+        "origin with 0xff": key + V13.encode() + b"Origin: http://\xff.example\r\n",
+        "two keys": key + key.replace(b"dGhl", b"AAAA") + V13.encode(),
+        "two versions": key + V13.encode() + b"Sec-WebSocket-Version: 8\r\n",
+    }
+    if case == "host [::1":
+        return b"GET / HTTP/1.1\r\nHost: [::1\r\n" + head + key + V13.encode() + b"\r\n"
+    if case == "http/1.0":
+        return b"GET / HTTP/1.0\r\n" + host + head + key + V13.encode() + b"\r\n"
+    if case == "cr lf in the path":
+        return (
+            b"GET /a\r\nX-Injected: yes HTTP/1.1\r\n" + host + head + key + V13.encode() + b"\r\n"
+        )
+    return b"GET / HTTP/1.1\r\n" + host + head + parts[case] + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("key of 0xff bytes", 400),
+        ("version 1 then 0xff", 426),
+        ("origin [::1", 403),
+        ("origin with 0xff", 403),
+        ("host [::1", 400),
+        ("two keys", 400),
+        ("two versions", 426),
+        ("http/1.0", 505),
+        ("cr lf in the path", 400),
+    ],
+)
+@pytest.mark.parametrize("listener", ["http", "ws"])
+async def test_hostile_handshakes_are_refused_with_a_4xx_and_one_line(
+    echo: FakeRserve,
+    start_forward: StartForward,
+    peers: list[Peer],
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    status: int,
+    listener: str,
+) -> None:
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port(listener)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Peer(reader, writer)
+    peers.append(peer)
+    caplog.clear()
+    writer.write(_hostile(port, case))
+    head = await peer.head()
+    assert head.split(b" ", 2)[1] == str(status).encode(), head
+    if status == 426:
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in head
+    body = await asyncio.wait_for(reader.read(1000), 10)
+    assert b"\xff" not in head + body  # client bytes are never sent back raw
+    assert echo.connections == 0  # R was never reached
+    records = [r for r in caplog.records if r.name.startswith(("forward", "aiohttp"))]
+    records = [r for r in records if r.name != "aiohttp.access"]
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
+    assert len(records) == 1, [r.getMessage() for r in records]  # one line, saying why
+    await works(fwd, listener)  # and the server goes on
+
+
+async def _greet_then_leave_on_bye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: FakeRserve
+) -> None:
+    """An Rserve that echoes like `echo`, but dies in the middle of its answer to `bye`."""
+    writer.write(ID_STRING)
+    while True:
+        try:
+            head = Header.parse(await reader.readexactly(16))
+            payload = await reader.readexactly(head.length)
+        except asyncio.IncompleteReadError:
+            return
+        if payload == b"bye":  # half an answer, then gone: the session must end
+            writer.write(Header(Cmd.RESP_OK, 100, head.msg_id).encode() + b"x")
+            return
+        writer.write(Header(Cmd.RESP_OK, len(payload), head.msg_id).encode() + payload)
+
+
+@pytest.mark.parametrize(
+    "ending", ["browser close", "protocol error", "R dies mid-answer", "max lifetime"]
+)
+async def test_every_end_frees_both_connections_while_the_browser_reads_nothing(
+    tmp_path: Path,
+    start_forward: StartForward,
+    peers: list[Peer],
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+) -> None:
+    """Issue 15 §4: a browser that stopped reading holds forward's send buffer full; however the
+    session ends then, the TCP connection and R's are gone within the close timeout."""
+    from forward import wsconn
+
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.2)
+    fake = await FakeRserve(tmp_path / "r.sock", _greet_then_leave_on_bye).start()
+    try:
+        lifetime = 1.0 if ending == "max lifetime" else 0.0
+        fwd = await start_forward(fake.path, max_lifetime=lifetime)
+        port = fwd.server.port("http")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        peer = Peer(reader, writer)
+        peers.append(peer)
+        writer.write(upgrade(port, extra=V13))
+        await peer.head()
+        await peer.data_frame()
+        (session,) = fwd.server.sessions
+        ws = session.ws
+        assert ws is not None and ws.transport is not None
+        transport = ws.transport
+        # Forward's side made small and never pushing back: the pongs it owes stay queued in
+        # forward, as with a browser that flooded pings and stopped reading (the issue's client
+        # needs ~24,000 pings to get there).
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=64 << 20)
+        pings = client_frame(Opcode.PING, b"p" * 125) * 4000
+        end = {
+            "browser close": client_frame(Opcode.CLOSE, struct.pack("!H", 1000)),
+            "protocol error": client_frame(3, b""),  # a reserved opcode
+            "R dies mid-answer": client_frame(Opcode.BINARY, qap_call(b"bye")),
+            "max lifetime": b"",  # forward ends it
+        }[ending]
+        writer.write(pings + end)
+        async with asyncio.timeout(10):
+            await fwd.server.sessions.emptied()  # R's connection closed, the slot released
+            await fake.closed.wait()
+        assert ws.transport is None  # the TCP connection is gone, unsent pongs and all
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.parametrize("listener", ["http", "ws"])
+async def test_an_upgrade_answered_without_one_ends_the_connection(
+    echo: FakeRserve, start_forward: StartForward, peers: list[Peer], listener: str
+) -> None:
+    """aiohttp's parser reads nothing more after `Connection: Upgrade`: a request that asked for
+    another protocol, answered with 404 or 426, must not leave its connection open, unread."""
+    fwd = await start_forward(echo.path)
+    port = fwd.server.port(listener)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Peer(reader, writer)
+    peers.append(peer)
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    head = await peer.head()
+    assert head.split(b" ", 2)[1] in (b"404", b"426")
+    await asyncio.wait_for(reader.read(), 10)  # and then the end, not a wait for ever
+    assert echo.connections == 0
