@@ -253,12 +253,20 @@ def guard_authority(request: web.Request, guard: Guard) -> Authority | None:
 
 @web.middleware
 async def http11_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request below HTTP/1.1 is refused: RFC 6455 section 4.1 asks HTTP/1.1 of an
-    upgrade, and a request line with a raw CR LF in its target reads as HTTP/0.9 whose next
-    lines become headers (an upgrade, once). Browsers have sent HTTP/1.1 for decades, and nginx
-    in front of forward needs `proxy_http_version 1.1` for WebSocket anyway."""
+    """An upgrade below HTTP/1.1 is refused (RFC 6455 section 4.1), and so is every HTTP/0.9
+    request: a raw CR LF in a request target reads as HTTP/0.9 whose next lines become headers
+    (an upgrade, once). A plain HTTP/1.0 GET for a file or a `.R` page on -p is still served:
+    nginx speaks HTTP/1.0 to its upstreams unless told `proxy_http_version 1.1`, and so do
+    health checkers and `curl -0`."""
     version = request.version
     if version >= HttpVersion11:
+        return await handler(request)
+    if (
+        version == HttpVersion10
+        and request.app[LISTENER] != "ws"
+        and hdrs.UPGRADE not in request.headers
+        and "upgrade" not in request.headers.get(hdrs.CONNECTION, "").lower()
+    ):
         return await handler(request)
     log.warning(
         "refused HTTP/%d.%d request from %s on %s",
@@ -269,7 +277,7 @@ async def http11_only(request: web.Request, handler: Handler) -> web.StreamRespo
     )
     if version < HttpVersion10:  # a malformed request line, in practice
         raise web.HTTPBadRequest(text="Bad request line.\n")
-    raise web.HTTPVersionNotSupported(text="This server speaks HTTP/1.1.\n")
+    raise web.HTTPVersionNotSupported(text="A WebSocket upgrade needs HTTP/1.1.\n")
 
 
 @web.middleware

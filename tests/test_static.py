@@ -399,12 +399,15 @@ async def test_keep_alive_many_requests(tree: Path, start_forward: StartForward)
         await writer.wait_closed()
 
 
-async def test_http10_is_refused(tree: Path, start_forward: StartForward) -> None:
-    # Below HTTP/1.1 nothing is served (issue 15): a raw CR LF in a request target reads as
-    # HTTP/0.9, and RFC 6455 asks HTTP/1.1 of an upgrade.
+async def test_http10_is_served_and_http09_refused(tree: Path, start_forward: StartForward) -> None:
+    # A plain HTTP/1.0 GET is served (nginx talks HTTP/1.0 to upstreams by default); HTTP/0.9,
+    # what a raw CR LF in a request target reads as, is not.
     fwd = await serve(start_forward, tree)
-    got, _, body = await raw_request(fwd.server.port("http"), b"GET /hello.txt HTTP/1.0\r\n\r\n")
-    assert got == 505 and b"hello" not in body
+    port = fwd.server.port("http")
+    got, _, body = await raw_request(port, b"GET /hello.txt HTTP/1.0\r\n\r\n")
+    assert got == 200 and body == b"hello world\n"
+    got, _, body = await raw_request(port, b"GET /hello.txt\r\nX: y HTTP/1.1\r\n\r\n")
+    assert got == 400 and b"hello" not in body
 
 
 MIME = [
