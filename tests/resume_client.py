@@ -63,6 +63,7 @@ class ResumeClient:
         self._arrived = asyncio.Event()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._acking: asyncio.Future[None] | None = None
+        self._all: list[aiohttp.ClientWebSocketResponse] = []  # every connection, released at close
 
     # -- connections -----------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class ResumeClient:
         )
         self.chosen = ws.protocol
         self.ws = ws
+        self._all.append(ws)
         first = await ws.receive()
         if first.type is not aiohttp.WSMsgType.TEXT:
             code = ws.close_code
@@ -125,24 +127,39 @@ class ResumeClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         ws, self.ws = self.ws, None
-        if ws is not None and not ws.closed:
+        if ws is not None:
             connection = ws._response.connection
-            if connection is not None and connection.transport is not None:
+            if not ws.closed and connection is not None and connection.transport is not None:
                 connection.transport.abort()  # a cut: no close frame
-            ws._response.close()  # and aiohttp lets go of the connection
+            ws._response.close()  # aiohttp lets go of the connection, closed or not
 
     async def close(self) -> None:
-        """A clean close: the session ends."""
+        """A clean close: the session ends. With the connection down, the client resumes once
+        to say so, as docs/resume.md asks (otherwise the session would wait out its grace)."""
         if self._ack_timer is not None:
             self._ack_timer.cancel()
+        reader = self._reader
+        live = self.ws is not None and not self.ws.closed and reader is not None
+        if not live and self.ticket is not None and not self._gone():
+            await self.drop()
+            with contextlib.suppress(Gone, aiohttp.ClientError, OSError):
+                await self.connect()
         if self.ws is not None and not self.ws.closed:
             await self.ws.close()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if self.ws.close_code != 1000 and not self._gone():
+                # The close never got its answer (the network broke on it): say it again.
+                await self.drop()
+                with contextlib.suppress(Gone, aiohttp.ClientError, OSError):
+                    await self.connect()
+                    await self.ws.close()  # type: ignore[union-attr]
+        await self.drop()
+        for old in self._all:
+            old._response.close()  # a cut connection's too, whatever state aiohttp left it in
         await self.session.close()
+
+    def _gone(self) -> bool:
+        code = self.close_code
+        return code is not None and (code >= 4000 or code == 1000)
 
     # -- data ------------------------------------------------------------------------------
 

@@ -277,6 +277,7 @@ async def test_a_client_that_does_not_acknowledge_holds_r_back_within_the_window
         await ws.send_json({"t": "ack", "received": got})
         await eventually(lambda: session.bytes_from_r > before, what="R is read again")
         assert session.resume.outbox.kept < window + 256 * 1024
+        await ws.close()
 
 
 async def test_tickets_refused_with_their_codes_and_r_never_reached(
