@@ -35,7 +35,7 @@ from .wsframe import CloseReason, frame_header
 log = logging.getLogger(__name__)
 
 # Below this size header and payload are joined into one write; above it they go as two buffers.
-_JOIN_LIMIT = 16 * 1024
+JOIN_LIMIT = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +455,7 @@ class Session:
         if transport is None:
             return
         head = frame_header(opcode, fin, len(data))
-        if len(data) <= _JOIN_LIMIT:
+        if len(data) <= JOIN_LIMIT:
             ws.write(head + data)
             return
         # `data` may be a view of the shared read buffer. A transport that cannot send it all at

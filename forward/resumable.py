@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from .relay import RelaySettings, Session
+from .relay import JOIN_LIMIT, RelaySettings, Session
 from .resume import MAX_CONTROL, ResumeClose, ResumeError, ResumeState, parse_control
 from .session import State
 from .stats import Stat
@@ -31,7 +31,6 @@ from .wsframe import CloseReason, Opcode, frame_header
 log = logging.getLogger(__name__)
 
 ACK_DELAY = 0.25  # seconds a received byte waits at most for its acknowledgement
-_JOIN_LIMIT = 16 * 1024
 
 
 class ResumableSession(Session):
@@ -90,7 +89,7 @@ class ResumableSession(Session):
         ws = self.ws
         if ws is not None and ws.transport is not None:
             head = frame_header(Opcode.BINARY, True, len(chunk))
-            if len(chunk) <= _JOIN_LIMIT:
+            if len(chunk) <= JOIN_LIMIT:
                 ws.write(head + chunk)
             else:
                 ws.writelines((head, chunk))

@@ -27,6 +27,8 @@ import trustme
 from forward.app import Server
 from forward.config import Config
 
+from .cutproxy import CutProxy
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: the CLI runs from here
 RSERVE = Path("/usr/lib/R/site-library/Rserve/libs/Rserve")
 C_FORWARD = RSERVE.parent / "forward"
@@ -487,3 +489,19 @@ async def forward_cli(tmp_path: Path) -> AsyncIterator[StartCli]:
             fwd.proc.kill()
             await fwd.wait()
             raise AssertionError(f"forward did not stop at SIGTERM:\n{fwd.log()}") from None
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Callable[[int], Awaitable[CutProxy]]]:
+    """TCP relays that a test can cut (tests/cutproxy.py), each in front of a port; stopped at
+    the end."""
+    started: list[CutProxy] = []
+
+    async def make(port: int) -> CutProxy:
+        proxy = await CutProxy(port).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        await proxy.stop()

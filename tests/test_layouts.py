@@ -5,7 +5,7 @@ its command line, real TLS and real nginx.
 - The canonical command line (`forward -p P -w W -k KEY -c CERT`): the page from -p opens its
   session on -w.
 - A container's published port that differs from forward's own (Docker's port mapping is a
-  TCP relay: here one in the test).
+  TCP relay: here tests/cutproxy.py).
 - forward's own nginx file, TLS at nginx on a port other than 443.
 - Rserve's own nginx example for load-balanced RCloud (no Host passed to forward): refused with
   a log line that says what to change; working with that change, or with --allow-origin.
@@ -17,8 +17,6 @@ and R is never reached for it: every R session Rserve starts appends its pid to 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -244,26 +242,6 @@ async def test_page_on_p_opens_its_session_on_w_over_tls(
         )
 
 
-@contextlib.asynccontextmanager
-async def published(port: int) -> AsyncIterator[int]:
-    """A TCP relay from a new port to `port`, as a container engine publishes one."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        inner_reader, inner_writer = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer))
-
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
-    async with server:
-        yield int(server.sockets[0].getsockname()[1])
-
-
 async def test_container_port_published_as_another_port(
     forward_cli: StartCli,
     counting_r: CountingR,
@@ -271,13 +249,15 @@ async def test_container_port_published_as_another_port(
     pki: PKI,
     chromium: Any,
     other_site: OtherSite,
+    proxies: Callable[[int], Any],
 ) -> None:
     fwd = await forward_cli("-s", str(counting_r.rserve.socket), "-r", str(doc_root))
-    async with published(fwd.ports["-p"]) as outside:
-        assert outside != fwd.ports["-p"]
-        page, ws = f"http://127.0.0.1:{outside}/", f"ws://127.0.0.1:{outside}/"
-        await assert_works(chromium, page, ws, counting_r)
-        await assert_refused(chromium, other_site.url, ws, counting_r, fwd, "another port")
+    # A container engine publishes a port as a TCP relay, as this one does.
+    outside = (await proxies(fwd.ports["-p"])).port
+    assert outside != fwd.ports["-p"]
+    page, ws = f"http://127.0.0.1:{outside}/", f"ws://127.0.0.1:{outside}/"
+    await assert_works(chromium, page, ws, counting_r)
+    await assert_refused(chromium, other_site.url, ws, counting_r, fwd, "another port")
 
 
 async def test_shipped_nginx_file_on_a_port_other_than_443(

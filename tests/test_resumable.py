@@ -35,20 +35,6 @@ pytestmark = pytest.mark.rserve
 
 
 @pytest.fixture
-async def proxies() -> AsyncIterator[Callable[[int], asyncio.Future[CutProxy]]]:
-    started: list[CutProxy] = []
-
-    async def make(port: int) -> CutProxy:
-        proxy = await CutProxy(port).start()
-        started.append(proxy)
-        return proxy
-
-    yield make  # type: ignore[misc]
-    for proxy in started:
-        await proxy.stop()
-
-
-@pytest.fixture
 async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
     made: list[ResumeClient] = []
 

@@ -42,20 +42,6 @@ async def chromium() -> AsyncIterator[Any]:
             await browser.close()
 
 
-@pytest.fixture
-async def proxy_to() -> AsyncIterator[Callable[[int], Any]]:
-    made: list[CutProxy] = []
-
-    async def make(port: int) -> CutProxy:
-        proxy = await CutProxy(port).start()
-        made.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in made:
-        await proxy.stop()
-
-
 async def outage(proxy: CutProxy, seconds: float) -> None:
     """The network goes away (open connections cut, new ones fail) and comes back."""
     proxy.down()
@@ -66,12 +52,12 @@ async def outage(proxy: CutProxy, seconds: float) -> None:
 async def test_demo_page_survives_a_cut_during_an_evaluation(
     fresh_rserve: Callable[..., Rserve],
     forward_cli: StartCli,
-    proxy_to: Callable[[int], Any],
+    proxies: Callable[[int], Any],
     chromium: Any,
 ) -> None:
     rserve = fresh_rserve(ocap=True, source=(ROOT / "demo" / "init.R").read_text())
     fwd = await forward_cli("-s", str(rserve.socket), "-r", str(DOC_ROOT))
-    proxy = await proxy_to(fwd.ports["-p"])
+    proxy = await proxies(fwd.ports["-p"])
     page = await chromium.new_page(viewport={"width": 1000, "height": 1200})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -132,7 +118,7 @@ async def test_demo_page_survives_a_cut_during_an_evaluation(
 async def test_rserve_js_gains_resume_from_the_wrapper(
     fresh_rserve: Callable[..., Rserve],
     forward_cli: StartCli,
-    proxy_to: Callable[[int], Any],
+    proxies: Callable[[int], Any],
     chromium: Any,
     tmp_path: Path,
 ) -> None:
@@ -159,7 +145,7 @@ async def test_rserve_js_gains_resume_from_the_wrapper(
     # R sessions so far: Rserve's readiness check (tests/conftest.py) opened one.
     before = len(count.read_text().split()) if count.exists() else 0
     fwd = await forward_cli("-s", str(rserve.socket), "-r", str(root))
-    proxy = await proxy_to(fwd.ports["-p"])
+    proxy = await proxies(fwd.ports["-p"])
     page = await chromium.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
