@@ -73,7 +73,14 @@ class Sessions(set[Session]):
             await waiter
 
 
+class Status:
+    """What changes in a running forward's answers: while it drains, new sessions go elsewhere."""
+
+    draining = False
+
+
 SESSIONS = web.AppKey("sessions", Sessions)
+STATUS = web.AppKey("status", Status)
 # Resumable sessions by the name in their ticket, live and parked; shared by -p and -w.
 RESUMABLE = web.AppKey("resumable", dict[str, ResumableSession])
 RELAY = web.AppKey("relay", RelaySettings)
@@ -134,6 +141,14 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         raise
     if offer.resuming:
         return await _resume_session(request, client, offer, answer)
+    if app[STATUS].draining:
+        # Before the upgrade: a proxy may try another instance (nginx: proxy_next_upstream
+        # http_503); resumes of the sessions still here are served until they end.
+        log.warning("refused WebSocket from %s on %s: draining", client, app[LISTENER])
+        raise web.HTTPServiceUnavailable(
+            text="This forward is draining: no new sessions. Try again.\n",
+            headers={hdrs.RETRY_AFTER: "5"},
+        )
     subject = _verified_subject(request) if offer.resume else None  # before the take-over
     refusal = None
     try:
@@ -205,7 +220,16 @@ async def _resume_session(
     guard = app[GUARD]
     session = app[RESUMABLE].get(offer.key or "")
     failure: tuple[int, str] | None = None
-    if session is None:
+    instance = app[RELAY].instance
+    if offer.instance is not None and offer.instance != instance:
+        # A proxy sent it to the wrong instance: the session is not here, and never will be.
+        session = None
+        failure = (
+            resume.ResumeClose.GONE,
+            f"the ticket is for instance {offer.instance}; this is "
+            f"{'instance ' + instance if instance else 'a forward without --instance-id'}",
+        )
+    elif session is None:
         failure = (resume.ResumeClose.GONE, "unknown, expired or used ticket")
     else:
         try:
@@ -390,6 +414,7 @@ def build_app(
     config: Config | None = None,
     buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None,
     resumable: dict[str, ResumableSession] | None = None,
+    status: Status | None = None,
 ) -> web.Application:
     guard = guard or Guard(GuardSettings())
     middlewares = [http11_only]
@@ -408,6 +433,7 @@ def build_app(
     app[RELAY] = relay
     app[SESSIONS] = sessions
     app[RESUMABLE] = resumable if resumable is not None else {}
+    app[STATUS] = status or Status()
     if buffers is not None:
         app[BUFFERS] = buffers
     app[LISTENER] = listener
@@ -429,6 +455,13 @@ class Server:
     # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
     stats: Stats = field(default_factory=Stats)
     row: int = 0
+    # What start() made and a hand-over needs again: the guard, the shared read buffers, and
+    # every listening socket by listener name.
+    status: Status = field(default_factory=Status)
+    _admin: health.Admin | None = None
+    _guard: Guard | None = None
+    _buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None
+    listening: dict[str, list[socket.socket]] = field(default_factory=dict)
 
     def relay_settings(self) -> RelaySettings:
         c = self.config
@@ -444,6 +477,7 @@ class Server:
             # would be refused, so resume is off (the start-up log says so).
             c.resume_grace if c.workers <= 1 else 0.0,
             c.resume_buffer,
+            c.instance_id,
             self.stats.slot(self.row),
         )
 
@@ -469,9 +503,9 @@ class Server:
         tests pass sockets bound to port 0, a supervisor passes inherited ones."""
         c = self.config
         relay = self.relay_settings()
-        guard = self.guard()
+        guard = self._guard = self.guard()
         apps: dict[str, web.Application] = {}
-        buffers = (wsconn.ReadBuffer(), wsconn.ReadBuffer())
+        buffers = self._buffers = (wsconn.ReadBuffer(), wsconn.ReadBuffer())
         if c.http_port > 0 or c.listen_unix:
             entry = http_entry(self.http_handler)
             apps["http"] = build_app(
@@ -479,6 +513,7 @@ class Server:
                 config=c,
                 buffers=buffers,
                 resumable=self.resumable,
+                status=self.status,
             )
         if c.ws_port > 0:
             apps["ws"] = build_app(
@@ -486,6 +521,7 @@ class Server:
                 config=c,
                 buffers=buffers,
                 resumable=self.resumable,
+                status=self.status,
             )
         if c.redirect_port > 0:
             apps["redirect"] = build_app(
@@ -495,7 +531,7 @@ class Server:
             app[accesslog.STATS_ROW] = relay.stats
             app[accesslog.GUARD] = guard
         if c.admin_port > 0:
-            admin = health.Admin(c.socket, self.stats, c.workers)
+            admin = self._admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
             apps["admin"].on_response_prepare.append(server_header)
         stats_row = relay.stats
@@ -505,6 +541,7 @@ class Server:
             self.ssl_context.on_build(lambda ctx: health.count_tls_failures(ctx, stats_row))
         try:
             socks = listeners if listeners is not None else bind_listeners(c)
+            self.listening = socks
             # A page from -p may open its session on -w: the origin rule needs -p's real port.
             own_ports = tuple(
                 int(sock.getsockname()[1])
@@ -546,6 +583,61 @@ class Server:
             source = lambda: fixed  # noqa: E731
         return tls.TLSSite(runner, sock, source, name)
 
+    async def stop_accepting(self) -> None:
+        """Stop every listener's sites (the sockets close in this process only: a successor
+        holding them goes on accepting)."""
+        for runner in self.runners.values():
+            for site in list(runner.sites):
+                await site.stop()
+
+    async def accept_again(self, listeners: dict[str, list[socket.socket]]) -> None:
+        """Serve on `listeners` again after `stop_accepting` (a hand-over that failed half-way)."""
+        for name, socks in listeners.items():
+            runner = self.runners.get(name)
+            if runner is not None:
+                for sock in socks:
+                    await self._site(runner, sock, name).start()
+        self.listening = listeners
+
+    async def adopt(
+        self, state: dict[str, Any], kept: bytes, sock: socket.socket
+    ) -> ResumableSession:
+        """A resumable session handed over by another process, parked here until its client
+        resumes. ValueError (KeyError, TypeError) if `state` is not one."""
+        guard, buffers = self._guard, self._buffers
+        assert guard is not None and buffers is not None, "start() first"
+        restored = resume.ResumeState.restored(state["resume"], kept)
+        client, label = str(state["client"]), str(state["label"])
+        relay = self.relay_settings()
+        sessions = self.sessions
+
+        def end(session: Session) -> None:
+            sessions.discard(session)
+            assert isinstance(session, ResumableSession)
+            guard.release(session.client)
+
+        session = ResumableSession(
+            relay,
+            label,
+            buffers[1],
+            sessions.next_id(),
+            end,
+            self.resumable,
+            client,
+            restored.subject,
+        )
+        session.core.restore(state["core"])
+        session.bytes_to_r = int(state["bytes_to_r"])
+        session.bytes_from_r = int(state["bytes_from_r"])
+        guard.count(client)
+        sessions.add(session)
+        grace_left = state["grace_left"]
+        timings = {"age": float(state["age"]), "quiet": float(state["quiet"])}
+        await session.adopt(
+            restored, sock, timings, None if grace_left is None else float(grace_left)
+        )
+        return session
+
     def port(self, name: str) -> int:
         """The port a listener is bound to ("http" or "ws"), useful after binding port 0."""
         return int(self.runners[name].addresses[0][1])
@@ -562,13 +654,16 @@ class Server:
             session.abort()
 
     async def drain(self, grace: float) -> None:
-        """Stop accepting (every listener), then give open sessions up to `grace` seconds to
-        end by themselves; `stop()` closes those still open, with the shutdown notice."""
-        for runner in self.runners.values():
-            for site in list(runner.sites):
-                await site.stop()
+        """Give open sessions up to `grace` seconds to end by themselves; `stop()` closes those
+        still open, with the shutdown notice. While it drains, forward answers new sessions
+        with 503 and /healthz with 503, and goes on serving resumes (a parked session comes
+        back here) and files; without a grace it stops accepting at once."""
         if grace <= 0 or not self.sessions:
+            await self.stop_accepting()
             return
+        self.status.draining = True
+        if self._admin is not None:
+            self._admin.draining = True
         log.info("draining: waiting up to %g s for %d open session(s)", grace, len(self.sessions))
         try:
             async with asyncio.timeout(grace):

@@ -15,6 +15,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from .resume import MAX_INSTANCE, valid_instance
+
 
 class ConfigError(Exception):
     """A setting that cannot work; the message is shown to the user as it is."""
@@ -263,6 +265,28 @@ class Config:
         max=1 << 30,
         rule="{flag} must be between 4096 and 1073741824 bytes",
     )
+    instance_id: str = _opt(
+        "",
+        "--instance-id",
+        metavar="NAME",
+        help="this instance's name, leading every resume ticket, so that a proxy in front of "
+        "several forwards routes a resume to the one holding its session (docs/operations.md; "
+        "lower-case letters, digits and -, up to 32)",
+    )
+    handover_socket: str | None = _opt(
+        None,
+        "--handover-socket",
+        metavar="PATH",
+        help="unix socket where this forward hands its listeners and resumable sessions to a "
+        "new forward started with --takeover (or at SIGUSR2, which starts one); "
+        "docs/operations.md",
+    )
+    takeover: bool = _opt(
+        False,
+        "--takeover",
+        help="take over the listeners and resumable sessions of the forward running at "
+        "--handover-socket, which then exits (an upgrade without ending sessions)",
+    )
     backend_timeout: float = _opt(
         10.0,
         "--backend-timeout",
@@ -425,6 +449,13 @@ class Config:
                 ) from None
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
+        if self.instance_id and not valid_instance(self.instance_id):
+            raise ConfigError(
+                f"--instance-id {self.instance_id}: use lower-case letters, digits and - "
+                f"(not first), up to {MAX_INSTANCE}"
+            )
+        if self.takeover and not self.handover_socket:
+            raise ConfigError("--takeover needs --handover-socket: the running forward's socket")
         self._validate_ops()
         return self
 

@@ -435,6 +435,12 @@ class Guard:
         self.open += 1
         self.by_client[client] += 1
 
+    def count(self, client: str) -> None:
+        """Count a session that exists already (handed over by another process): no cap
+        refuses it, it only counts towards them."""
+        self.open += 1
+        self.by_client[client] += 1
+
     def move(self, old: str, new: str) -> None:
         """A session resumed from another address: count it there (the per-client cap
         applies), no longer at `old`."""

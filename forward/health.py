@@ -129,6 +129,9 @@ class Admin:
 
     def __init__(self, socket_path: str, stats: Stats, workers: int = 1) -> None:
         self.socket_path = socket_path
+        # Set when this forward drains: probes then fail, so that load balancers send new
+        # sessions elsewhere while the ones here (and their resumes) carry on.
+        self.draining = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(stats, workers))
 
@@ -156,7 +159,14 @@ async def probe(path: str, limit: float = PROBE_TIMEOUT) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    problem = await probe(request.app[ADMIN].socket_path)
+    admin = request.app[ADMIN]
+    if admin.draining:
+        return web.Response(
+            status=503,
+            text="draining: no new sessions here; open ones carry on\n",
+            headers={"Cache-Control": "no-store"},
+        )
+    problem = await probe(admin.socket_path)
     if problem is None:
         return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
     log.warning("health check: %s", problem)

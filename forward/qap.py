@@ -226,6 +226,31 @@ class _Framer:
         """True between a message's first and last byte (a partial header counts)."""
         return self._header is not None or bool(self._head)
 
+    def snapshot(self) -> dict[str, object]:
+        """Where the stream is, as JSON-able values (a hand-over to another process)."""
+        header = self._header
+        return {
+            "head": self._head.hex(),
+            "header": header.encode().hex() if header is not None else None,
+            "remaining": self._remaining,
+            "messages": self.messages,
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Carry on where `snapshot` was taken (its values checked: they come from outside)."""
+        head = bytes.fromhex(str(state["head"]))
+        header = state["header"]
+        remaining = state["remaining"]
+        messages = state["messages"]
+        if len(head) >= HEADER_SIZE or type(remaining) is not int or type(messages) is not int:
+            raise ValueError("not a stream state")
+        self._head = bytearray(head)
+        self._header = Header.parse(bytes.fromhex(str(header))) if header is not None else None
+        if (self._header is None) != (remaining == 0) or remaining < 0:
+            raise ValueError("not a stream state")
+        self._remaining = remaining
+        self.messages = messages
+
     def _check(self, header: Header) -> Header:
         if self._max_size is not None and header.length > self._max_size:
             raise MessageTooLarge(
@@ -298,6 +323,22 @@ class ServerStream:
     @property
     def messages(self) -> int:
         return self._framer.messages
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "mode": self.mode.value if self.mode is not None else None,
+            "pending": self._pending.hex(),
+            "framer": self._framer.snapshot(),
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        mode = state["mode"]
+        framer = state["framer"]
+        if not isinstance(framer, dict):
+            raise ValueError("not a stream state")
+        self.mode = Mode(mode) if mode is not None else None
+        self._pending = bytearray.fromhex(str(state["pending"]))
+        self._framer.restore(framer)
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Greeting | Chunk]:
         if self.mode is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -29,7 +30,13 @@ from typing import cast
 from . import qap
 from .session import SessionCore, State
 from .stats import Slot, Stat
-from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
+from .wsconn import (
+    HOLD_BACKEND_FULL,
+    HOLD_CONNECTING,
+    HOLD_HANDOVER,
+    ReadBuffer,
+    ServerWebSocket,
+)
 from .wsframe import CloseReason, frame_header
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,8 @@ class RelaySettings:
     # the bytes of R's stream kept until the client acknowledges them.
     resume_grace: float = 0.0
     resume_buffer: int = 1024 * 1024
+    # Leads every ticket, so that a proxy can route a resume to this instance ("": none).
+    instance: str = ""
     # Where the session's counters go (/metrics); a private row when nobody reads them.
     stats: Slot = field(default_factory=Slot.private)
 
@@ -281,6 +290,87 @@ class Session:
         """Drop the browser's connection without a close handshake (its end follows)."""
         if self.ws is not None:
             self.ws.abort()
+
+    # -- a hand-over to another process (handover.py) ---------------------------------------
+
+    def quiesce(self) -> None:
+        """Stop both streams and every timer, so that the session's state stays as it is until
+        it is handed over: nothing is read from either end, nothing is sent of forward's own."""
+        for timer in (self._heartbeat, self._greeting_timer, *self._timers):
+            if timer is not None:
+                timer.cancel()
+        self._heartbeat = self._greeting_timer = None
+        self._timers = []
+        if self.ws is not None:
+            self.ws.hold(HOLD_HANDOVER)
+        backend = self._backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.pause_reading()
+
+    def unquiesce(self) -> None:
+        """Carry on after `quiesce` (a hand-over that did not take this session)."""
+        loop = asyncio.get_running_loop()
+        timings = self.timings()
+        self._arm_timers(loop, timings["age"], timings["quiet"])
+        if self.ws is not None:
+            self.ws.release(HOLD_HANDOVER)
+        if not self._reading_paused:
+            self.ws_resume_writing()
+
+    def _arm_timers(self, loop: asyncio.AbstractEventLoop, age: float, quiet: float) -> None:
+        settings = self._settings
+        if settings.heartbeat > 0:
+            self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
+        if settings.idle_timeout > 0:
+            self._timers.append(
+                loop.call_later(max(0.0, settings.idle_timeout - quiet), self._check_idle)
+            )
+        if settings.max_lifetime > 0:
+            self._timers.append(
+                loop.call_later(max(0.0, settings.max_lifetime - age), self._expire)
+            )
+
+    @property
+    def backend_queued(self) -> int | None:
+        """Bytes written to R and not taken by its socket yet; None when R is not connected."""
+        backend = self._backend
+        if backend is None or backend.transport is None:
+            return None
+        return backend.transport.get_write_buffer_size()
+
+    def backend_fd(self) -> int:
+        """A duplicate of R's socket, to pass to another process (it stays connected there when
+        this process lets go of its own)."""
+        backend = self._backend
+        sock = backend.transport.get_extra_info("socket") if backend and backend.transport else None
+        if sock is None:
+            raise OSError("R is not connected")
+        return os.dup(sock.fileno())
+
+    def timings(self) -> dict[str, float]:
+        """How long the session has lived and been quiet, for its timers in the next process."""
+        now = asyncio.get_running_loop().time()
+        return {
+            "age": time.monotonic() - self._started,
+            "quiet": now - self._last_activity if self._last_activity else 0.0,
+        }
+
+    async def adopt_backend(self, sock: socket.socket, age: float, quiet: float) -> None:
+        """Take R's connection handed over by another process, with the session's timers
+        where they stood there (`age` since the session opened, `quiet` since its last
+        message). The core was restored first."""
+        loop = asyncio.get_running_loop()
+        _, backend = await loop.create_unix_connection(
+            lambda: _Backend(self, self._buffer), sock=sock
+        )
+        self._backend = backend
+        self._stats.add(Stat.SESSIONS_OPEN)
+        self._counted = True
+        self._started = time.monotonic() - age
+        self._last_activity = loop.time() - quiet
+        self._arm_timers(loop, age, quiet)
+        if backend.transport is None:
+            self.backend_lost(None)
 
     # -- what the browser's WebSocket reports ------------------------------------------------
 

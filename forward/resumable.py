@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from .relay import JOIN_LIMIT, RelaySettings, Session
@@ -77,7 +78,14 @@ class ResumableSession(Session):
 
     def hello(self) -> None:
         """The first message on the session's first connection: its ticket."""
-        self._control_frame(self.resume.opened(self.resume.issue(), self.grace))
+        self._control_frame(self.resume.opened(self._ticket(), self.grace))
+
+    def _ticket(self) -> str:
+        # The instance's name leads the ticket, so that a proxy in front of several forwards
+        # can route a resume to the one that holds the session (docs/operations.md).
+        instance = self._settings.instance
+        ticket = self.resume.issue()
+        return f"{instance}.{ticket}" if instance else ticket
 
     # -- R -> client ---------------------------------------------------------------------------
 
@@ -276,7 +284,7 @@ class ResumableSession(Session):
         self.ws = ws
         self.label, self.client = label, client
         state = self.resume
-        self._control_frame(state.resumed(state.issue(), self.grace))
+        self._control_frame(state.resumed(self._ticket(), self.grace))
         replay = state.outbox.replay(received)
         replayed = 0
         for chunk in replay:
@@ -298,3 +306,70 @@ class ResumableSession(Session):
         if self._stalled and not state.outbox.full:
             self._stalled = False
         self._resume_r()
+
+    # -- a hand-over to another process (handover.py, succession.py) -------------------------
+
+    def quiesce(self) -> None:
+        super().quiesce()
+        self._stalled = True  # nothing, parking included, may read from R again here
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    def unquiesce(self) -> None:
+        self._stalled = self.resume.outbox.full
+        super().unquiesce()
+
+    def handover_state(self) -> tuple[dict[str, object], bytes]:
+        """The session's state for the next process (quiesced first), and the bytes of R's
+        stream the client has not acknowledged."""
+        grace_left = None
+        if self._grace_timer is not None:
+            grace_left = max(0.0, self._grace_timer.when() - asyncio.get_running_loop().time())
+        state: dict[str, object] = {
+            "resume": self.resume.snapshot(),
+            "core": self.core.snapshot(),
+            "client": self.client,
+            "label": self.label,
+            "grace_left": grace_left,
+            "bytes_to_r": self.bytes_to_r,
+            "bytes_from_r": self.bytes_from_r,
+            **self.timings(),
+        }
+        return state, self.resume.outbox.kept_bytes()
+
+    def handed_over(self, to: int) -> None:
+        """The next process holds the session now: a live client is told to resume at once
+        (there), and this process lets the session go without a word to R."""
+        ws = self.ws
+        if ws is not None:
+            ws.retire(ResumeClose.RESUME, "forward is restarting: resume")
+        self.ended = f"handed over to process {to}"
+        self.core.closed()
+        self._finish()
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self)
+
+    async def adopt(
+        self,
+        state: ResumeState,
+        sock: socket.socket,
+        timings: dict[str, float],
+        grace_left: float | None,
+    ) -> None:
+        """Become the session another process handed over (`state` restored from its
+        record, the core restored already), with R's connection `sock`: parked, for
+        `grace_left` seconds, or this process's whole grace if it was live there."""
+        if self._registry.get(self.resume.key) is self:
+            del self._registry[self.resume.key]
+        self.resume = state
+        self._registry[state.key] = self
+        self.ws = None
+        grace = self.grace if grace_left is None else min(grace_left, self.grace)
+        self._stats.add(Stat.SESSIONS_PARKED)
+        self._grace_timer = asyncio.get_running_loop().call_later(grace, self._expire_park)
+        await self.adopt_backend(sock, timings["age"], timings["quiet"])
+        if state.outbox.full:
+            self._stalled = True
+            self._pause_r()

@@ -28,6 +28,9 @@ _HEX = frozenset("0123456789abcdef")
 # The largest count JSON carries exactly (2**53), far beyond any session's bytes.
 MAX_COUNT = 2**53
 MAX_CONTROL = 4096  # bytes of one control message from a client
+# An instance's name (--instance-id): what leads its tickets, and what a proxy routes on.
+MAX_INSTANCE = 32
+_INSTANCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 class ResumeClose(enum.IntEnum):
@@ -56,6 +59,7 @@ class Offer:
     key: str | None = None  # the ticket's session name, to resume
     secret: str | None = None
     received: int = 0  # bytes of R's stream the client has
+    instance: str | None = None  # the forward instance the ticket names, if it names one
     others: tuple[str, ...] = ()  # the application's own subprotocols, in order
 
     @property
@@ -67,7 +71,7 @@ def parse_offer(protocols: Sequence[str]) -> Offer:
     """Split the offered subprotocols. A malformed ticket token is a ticket that matches no
     session (the client is told GONE), not an error of the handshake."""
     resume = False
-    key = secret = None
+    key = secret = instance = None
     received = 0
     others = []
     for p in protocols:
@@ -75,22 +79,34 @@ def parse_offer(protocols: Sequence[str]) -> Offer:
             resume = True
         elif p.startswith(TICKET_PREFIX):
             parsed = _parse_ticket_token(p[len(TICKET_PREFIX) :])
-            key, secret, received = parsed if parsed else ("", "", 0)
+            key, secret, received, instance = parsed if parsed else ("", "", 0, None)
         else:
             others.append(p)
     if not resume:
-        key = secret = None
+        key = secret = instance = None
         received = 0
-    return Offer(resume, key, secret, received, tuple(others))
+    return Offer(resume, key, secret, received, instance, tuple(others))
 
 
-def _parse_ticket_token(text: str) -> tuple[str, str, int] | None:
-    ticket, _, count = text.partition(".")
+def valid_instance(name: str) -> bool:
+    """An instance name as it may lead a ticket: what a proxy's pattern can match simply."""
+    return 0 < len(name) <= MAX_INSTANCE and set(name) <= _INSTANCE_CHARS and name[0] != "-"
+
+
+def _parse_ticket_token(text: str) -> tuple[str, str, int, str | None] | None:
+    parts = text.split(".")
+    if len(parts) == 3 and valid_instance(parts[0]):
+        instance: str | None = parts.pop(0)
+    elif len(parts) == 2:
+        instance = None
+    else:
+        return None
+    ticket, count = parts
     if len(ticket) != _KEY_HEX + _SECRET_HEX or not set(ticket) <= _HEX:
         return None
     if not count.isdigit() or len(count) > 16 or int(count) > MAX_COUNT:
         return None
-    return ticket[:_KEY_HEX], ticket[_KEY_HEX:], int(count)
+    return ticket[:_KEY_HEX], ticket[_KEY_HEX:], int(count), instance
 
 
 def ticket_token(ticket: str, received: int) -> str:
@@ -184,6 +200,18 @@ class Outbox:
                 drop = 0
         self.acked = received
 
+    def kept_bytes(self) -> bytes:
+        """Every byte kept, in order (a hand-over sends them to the next process)."""
+        return b"".join(self._chunks)
+
+    def restore(self, acked: int, kept: bytes) -> None:
+        """Hold `kept` as the bytes after `acked`, as another process's outbox held them."""
+        if not 0 <= acked <= MAX_COUNT:
+            raise ValueError("count out of range")
+        self.acked = acked
+        self.sent = acked + len(kept)
+        self._chunks = deque((kept,) if kept else ())
+
     def replay(self, received: int) -> list[bytes]:
         """What the client is missing when it has `received` bytes (acknowledging them)."""
         self.ack(received)
@@ -233,6 +261,46 @@ class ResumeState:
             raise ResumeError(ResumeClose.GONE, "unknown or used ticket")
         if self.subject is not None and subject != self.subject:
             raise ResumeError(ResumeClose.REFUSED, "the session belongs to another certificate")
+
+    def snapshot(self) -> dict[str, object]:
+        """The state as JSON-able values; the outbox's bytes travel apart (`outbox.kept_bytes`).
+        Only digests of the tickets leave: the secrets were never kept."""
+        return {
+            "key": self.key,
+            "window": self.window,
+            "subject": self.subject,
+            "received": self.received,
+            "told": self.told,
+            "acked": self.outbox.acked,
+            "current": self._current.hex(),
+            "previous": self._previous.hex() if self._previous is not None else None,
+        }
+
+    @classmethod
+    def restored(cls, state: dict[str, object], kept: bytes) -> ResumeState:
+        """The state `snapshot` describes, holding `kept`; ValueError (or KeyError, TypeError)
+        if it is not one."""
+        key, window, subject = state["key"], state["window"], state["subject"]
+        received, told, acked = state["received"], state["told"], state["acked"]
+        previous = state["previous"]
+        if not isinstance(key, str) or len(key) != _KEY_HEX or not set(key) <= _HEX:
+            raise ValueError("not a session name")
+        if (
+            type(window) is not int
+            or window <= 0
+            or not (subject is None or isinstance(subject, str))
+        ):
+            raise ValueError("bad window or subject")
+        if type(received) is not int or type(told) is not int or type(acked) is not int:
+            raise ValueError("counts are not numbers")
+        if not 0 <= told <= received <= MAX_COUNT:
+            raise ValueError("counts out of range")
+        new = cls(window, key, subject)
+        new.received, new.told = received, told
+        new.outbox.restore(acked, kept)
+        new._current = bytes.fromhex(str(state["current"]))
+        new._previous = bytes.fromhex(previous) if isinstance(previous, str) else None
+        return new
 
     def opened(self, ticket: str, grace: float) -> bytes:
         return control("open", ticket=ticket, window=self.window, grace=grace)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import __version__, daemon, tls
+from . import __version__, daemon, succession, tls
 from .app import Server
 from .config import Config, ConfigError
 from .dispatch import make_http_handler
@@ -61,18 +61,37 @@ class Lifecycle:
         self._pid_file = daemon.PidFile(config.pid_file)
         self._manager = ServerManager.from_config(config.server_manager)
         self._del_owed = False  # ADD was started: the manager must hear DEL
+        # The listeners (the unix socket file among them) and the service's registrations are
+        # this process's to remove at exit. A forward taking over gets them from its
+        # predecessor only once that succeeded; one that handed over has given them away.
+        self.owner = not config.takeover
 
     async def __aenter__(self) -> Lifecycle:
+        if self.owner:
+            self._write_pid_file()
+        return self
+
+    def _write_pid_file(self) -> None:
         try:
             self._pid_file.write()
         except OSError as exc:
             raise ConfigError(
                 f"cannot write --pid-file {self.config.pid_file}: {exc.strerror or exc}"
             ) from None
-        return self
+
+    def took_over(self) -> None:
+        """The predecessor's listeners are ours now: our PID file, our socket file to remove."""
+        self.owner = True
+        self._write_pid_file()
+
+    def handed_over(self) -> None:
+        """A successor holds the listeners and registrations now: leave them be at exit."""
+        self.owner = False
+        self._del_owed = False
 
     def ready(self) -> None:
-        """Serving: ADD to the server manager (retried in the background), READY to systemd."""
+        """Serving: ADD to the server manager (retried in the background), READY to systemd
+        (with this process as the service's main one: after a hand-over, that changes)."""
         if self._manager is not None:
             self._manager.start_add()
             self._del_owed = True
@@ -97,7 +116,8 @@ class Lifecycle:
         try:
             await self._delete()
         finally:
-            unlink_unix(self.config)
+            if self.owner:
+                unlink_unix(self.config)
             self._pid_file.remove()
 
 
@@ -136,13 +156,35 @@ async def _serve(
     lifecycle: Lifecycle | None,
 ) -> None:
     config = server.config
-    await server.start(listeners)
+    announced = False
+
+    def announce() -> None:
+        nonlocal announced
+        if lifecycle is not None and not announced:
+            announced = True
+            lifecycle.ready()
+
+    if config.takeover:
+        channel, predecessor_pid = await succession.take_over(config, server)
+        if lifecycle is not None:
+            lifecycle.took_over()
+        # The sessions arrive while this process serves already; systemd hears of the new
+        # main process before the predecessor is told it may exit.
+        await succession.take_sessions(channel, server, predecessor_pid, announce)
+    else:
+        await server.start(listeners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if contexts is not None:
         loop.add_signal_handler(signal.SIGHUP, contexts.reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    predecessor = None
+    if config.handover_socket and lifecycle is not None:
+        predecessor = succession.Predecessor(server, config.handover_socket)
+        predecessor.start()
+        predecessor.handed_callbacks.append(stop.set)
+        loop.add_signal_handler(signal.SIGUSR2, predecessor.start_successor)
     log.info(
         "forward %s: relaying WebSocket sessions to %s (heartbeat %ss)",
         __version__,
@@ -155,29 +197,45 @@ async def _serve(
             "its session's (docs/resume.md)",
             config.workers,
         )
-    if lifecycle is not None:
-        lifecycle.ready()
+    announce()
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
-        log.info("shutting down")
-        if lifecycle is not None:
-            await lifecycle.stopping()
-        await _drain(server, config.drain_timeout, stop)
+        if predecessor is not None and predecessor.handed.is_set():
+            # The successor serves; what is left here are sessions that did not ask for
+            # resume: they get the shutdown notice and 1001 in stop().
+            if lifecycle is not None:
+                lifecycle.handed_over()
+            log.info("handed over to process %d: exiting", predecessor.successor)
+        else:
+            log.info("shutting down")
+            if lifecycle is not None:
+                await lifecycle.stopping()
+            await _drain(server, config.drain_timeout, stop, predecessor)
+            if predecessor is not None and predecessor.handed.is_set() and lifecycle is not None:
+                lifecycle.handed_over()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
+        if predecessor is not None:
+            predecessor.close(unlink=not predecessor.handed.is_set())
         await server.stop()
 
 
-async def _drain(server: Server, grace: float, stop: asyncio.Event) -> None:
-    """Server.drain, cut short by a second SIGTERM/SIGINT."""
+async def _drain(
+    server: Server,
+    grace: float,
+    stop: asyncio.Event,
+    predecessor: succession.Predecessor | None = None,
+) -> None:
+    """Server.drain, cut short by a second SIGTERM/SIGINT, or by a successor that took the
+    sessions over (a hand-over may end a drain)."""
     stop.clear()
     drain = asyncio.ensure_future(server.drain(grace))
     again = asyncio.ensure_future(stop.wait())
     await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
-    if not drain.done():
+    if not drain.done() and not (predecessor is not None and predecessor.handed.is_set()):
         log.info("second signal: closing open sessions now")
     for task in (drain, again):
         task.cancel()

@@ -132,6 +132,35 @@ class SessionCore:
         if self.state is not State.CLOSED:
             self._enter(State.CLOSED)
 
+    def snapshot(self) -> dict[str, object]:
+        """The session's state as JSON-able values, for a hand-over to another process (the
+        shell has stopped both streams first)."""
+        return {
+            "state": self.state.value,
+            "pending": list(self.pending),
+            "to_r": self.messages_to_r,
+            "from_r": self.messages_from_r,
+            "client": self._client.snapshot(),
+            "server": self._server.snapshot(),
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Carry on from `snapshot` (a new core, still CONNECTING). ValueError (or a KeyError,
+        TypeError) if `state` is not one."""
+        pending, client, server = state["pending"], state["client"], state["server"]
+        to_r, from_r = state["to_r"], state["from_r"]
+        if not isinstance(pending, list) or not all(type(i) is int for i in pending):
+            raise ValueError("pending requests are not msg_ids")
+        if not isinstance(client, dict) or not isinstance(server, dict):
+            raise ValueError("no stream states")
+        if type(to_r) is not int or type(from_r) is not int:
+            raise ValueError("message counts are not numbers")
+        self._client.restore(client)
+        self._server.restore(server)
+        self._enter(State(state["state"]))
+        self.pending = pending
+        self.messages_to_r, self.messages_from_r = to_r, from_r
+
     # -- browser -> Rserve -------------------------------------------------------------------
 
     def from_browser(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:

@@ -42,6 +42,9 @@ HOLD_BACKEND_FULL = 2  # Rserve's socket buffer is full: let TCP push back on th
 # The browser does not read what we send (its pongs, R's answers, conn_broken answers): stop
 # reading what it sends too, or a peer that only writes (pings) could grow our buffer unbounded.
 HOLD_BROWSER_FULL = 4
+# The session is being handed over to another process: what the browser sends now is sent
+# again to the next process (it counts from what forward acknowledged).
+HOLD_HANDOVER = 8
 
 
 class Handler(Protocol):

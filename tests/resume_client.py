@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from forward import qap, rexp
-from forward.resume import PROTOCOL, ticket_token
+from forward.resume import PROTOCOL, ResumeClose, ticket_token
 
 from .rclient import Reply
 
@@ -25,6 +25,11 @@ class Gone(Exception):
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+
+
+def ends_session(code: int | None) -> bool:
+    """A close code after which there is nothing to resume (4100 asks for a resume now)."""
+    return code is not None and (code == 1000 or (code >= 4000 and code != ResumeClose.RESUME))
 
 
 class ResumeClient:
@@ -158,8 +163,7 @@ class ResumeClient:
         await self.session.close()
 
     def _gone(self) -> bool:
-        code = self.close_code
-        return code is not None and (code >= 4000 or code == 1000)
+        return ends_session(self.close_code)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -223,7 +227,7 @@ class ResumeClient:
                     self._ack_timer = loop.call_later(0.25, self._ack_later)
         self.close_code = ws.close_code
         code = ws.close_code
-        if code is not None and (code >= 4000 or code == 1000):
+        if ends_session(code):
             raise Gone(code, "closed by forward")
 
     def _ack_later(self) -> None:
