@@ -213,6 +213,8 @@ async def start_forward() -> AsyncIterator[StartForward]:
             listeners["ws"] = [bound()]
         if config.redirect_port > 0:
             listeners["redirect"] = [bound()]
+        if config.admin_port > 0:
+            listeners["admin"] = [bound()]
         await server.start(listeners)
         servers.append(server)
         return Running(server, "wss" if ssl_context else "ws")

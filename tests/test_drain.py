@@ -10,34 +10,31 @@ import pytest
 
 from forward import qap, wsconn
 
-from .conftest import Rserve, StartCli, StartForward
+from .conftest import Rserve, StartCli, StartForward, eventually
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
 
 
-async def refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:  # it reached the backlog as the socket closed: try again
-        return False
-    writer.close()
-    return False
-
-
-async def test_drain_lets_open_sessions_finish(
+async def test_drain_lets_open_sessions_finish_and_sends_new_ones_elsewhere(
     rserve_qap: Rserve, start_forward: StartForward
 ) -> None:
-    fwd = await start_forward(rserve_qap.socket)
-    port = fwd.server.port("http")
+    fwd = await start_forward(rserve_qap.socket, admin_port=3)
     c = await RClient.connect(fwd.url("http"))
     try:
         drain = asyncio.create_task(fwd.server.drain(60))
-        async with asyncio.timeout(10):
-            while not await refused(port):  # the listener closes first
-                continue
+        await eventually(lambda: fwd.server.status.draining, what="the drain starts")
+        async with aiohttp.ClientSession() as http:
+            # New sessions get 503 before the upgrade (a proxy may try another instance), and
+            # the health check says why, so that load balancers stop sending them here.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(fwd.url("http"))
+            assert refused.value.status == 503
+            assert refused.value.headers is not None
+            assert refused.value.headers["Retry-After"] == "5"
+            async with http.get(f"http://127.0.0.1:{fwd.server.port('admin')}/healthz") as health:
+                assert health.status == 503
+                assert "draining" in await health.text()
         assert not drain.done()
         assert (await c.eval("2 + 2")).value == [4.0]  # the open session still works
     finally:
