@@ -10,13 +10,14 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from forward import qap
+from forward import handover, qap
 
 from .conftest import Rserve, StartCli, eventually, free_port
 from .rclient import RClient
@@ -138,3 +139,115 @@ async def test_fifty_resumable_sessions_survive_a_hand_over(
 async def plain_session_works_count(url: str) -> int:
     await plain_session_works(url)
     return 1
+
+
+async def start_pair(
+    rserve: Rserve, forward_cli: StartCli, tmp_path: Path, *extra: str
+) -> tuple[int, str, tuple[str, ...]]:
+    port = free_port()
+    handover = str(tmp_path / "handover.sock")
+    args = ("-s", rserve.socket, "-p", str(port), "--handover-socket", handover, *extra)
+    return port, handover, args
+
+
+async def test_a_new_process_that_cannot_take_over_leaves_the_old_one_serving(
+    rserve_qap: Rserve,
+    forward_cli: StartCli,
+    clients: Callable[..., ResumeClient],
+    tmp_path: Path,
+) -> None:
+    port, _, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    old = await forward_cli(*args, ports=(), ready="listening on")
+    url = f"ws://127.0.0.1:{port}/"
+    c = clients(url)
+    await c.connect()
+    await c.eval("x <- 1; Sys.getpid()", 1)
+    await c.wait_messages(1)
+    # Configured for other listeners: it says why, exits 1, and the old one goes on.
+    other = free_port()
+    moved = list(args)
+    moved[moved.index("-p") + 1] = str(other)
+    refused = await forward_cli(*moved, "--takeover", ports=(), ready=0)
+    assert await refused.wait() == 1
+    assert "keeps the listeners" in refused.log() and "Traceback" not in refused.log()
+    await old.expect("hand-over refused by the new process")
+    assert old.proc.returncode is None
+    await c.eval("x + 1", 2)
+    await c.wait_messages(2)
+    assert c.values()[1] == [2.0] and c.resumes == 0
+    await plain_session_works(url)
+    # ...and a later hand-over works.
+    await forward_cli(*args, "--takeover", ports=(), ready="took over from process")
+    assert await old.wait() == 0
+    await c.eval("x + 2", 3)
+    await c.wait_messages(3)
+    assert c.values()[2] == [3.0] and c.resumes == 1
+
+
+async def test_a_successor_refuses_a_state_version_it_cannot_read(
+    rserve_qap: Rserve, forward_cli: StartCli, tmp_path: Path
+) -> None:
+    """A running forward of another version offers state this one cannot read (played by a
+    small stand-in: the running forward writes the only version there is): the new process
+    refuses, says why, and has taken nothing."""
+    _, handover_path, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(handover_path)
+    listener.listen(1)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    fwd = await forward_cli(*args, "--takeover", ports=(), ready=0)
+    conn, _ = await loop.sock_accept(listener)
+    with conn, listener:
+        hello = handover.decode(await loop.sock_recv(conn, handover.MAX_RECORD))
+        assert hello.kind == "hello" and hello.meta["versions"] == [1]
+        offer = handover.encode(
+            "offer", format=handover.FORMAT, version=99, forward="9.0", pid=1, listeners=[]
+        )
+        await loop.sock_sendall(conn, offer)
+        answer = handover.decode(await loop.sock_recv(conn, handover.MAX_RECORD))
+    assert answer.kind == "refuse"
+    assert "hands over state version 99; this forward reads version 1" in answer.meta["reason"]
+    assert await fwd.wait() == 1
+    assert "state version 99" in fwd.log() and "Traceback" not in fwd.log()
+
+
+async def test_sigusr2_starts_a_successor_from_the_same_command_line(
+    rserve_qap: Rserve,
+    forward_cli: StartCli,
+    clients: Callable[..., ResumeClient],
+    tmp_path: Path,
+) -> None:
+    port, _, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    pid_file = tmp_path / "forward.pid"
+    old = await forward_cli(*args, "--pid-file", str(pid_file), ports=(), ready="listening on")
+    c = clients(f"ws://127.0.0.1:{port}/")
+    await c.connect()
+    await c.eval("x <- 5; Sys.getpid()", 1)
+    await c.wait_messages(1)
+    old.send_signal(signal.SIGUSR2)
+    line = await old.expect("successor started, pid")
+    successor = int(line.rsplit(" ", 1)[1])
+    try:
+        # Its log goes where the old one's went (inherited stderr).
+        await old.expect("took over from process")
+        await eventually(lambda: old.proc.returncode is not None, what="the old process exits")
+        assert old.proc.returncode == 0
+        assert pid_file.read_text().strip() == str(successor)  # the successor's, not removed
+        await c.eval("x", 2)
+        await c.wait_messages(2)
+        assert c.values()[1] == [5.0] and c.resumes == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(successor, signal.SIGTERM)
+    await eventually(lambda: not os.path.exists(f"/proc/{successor}"), what="the successor ends")
+
+
+async def test_takeover_without_a_running_forward_says_so(
+    rserve_qap: Rserve, forward_cli: StartCli, tmp_path: Path
+) -> None:
+    _, handover, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    fwd = await forward_cli(*args, "--takeover", ports=(), ready=0)
+    assert await fwd.wait() == 1
+    assert f"cannot reach the running forward at {handover}" in fwd.log()
+    assert "Traceback" not in fwd.log()
