@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from .conftest import ROOT, Rserve, StartCli, eventually
+from .conftest import ROOT, Rserve, StartCli, eventually, free_port
 from .cutproxy import CutProxy
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, DOC_ROOT, need_browser
 from .test_layouts import COUNTING_INIT, PAGE, rserve_js
@@ -168,3 +168,64 @@ async def test_rserve_js_gains_resume_from_the_wrapper(
     assert proxy.cuts >= 1
     assert len(count.read_text().split()) == before + 1  # one R session throughout
     await fwd.expect("resumed by")
+
+
+async def test_demo_page_survives_a_hand_over_during_an_evaluation(
+    fresh_rserve: Callable[..., Rserve],
+    forward_cli: StartCli,
+    chromium: Any,
+    tmp_path: Path,
+) -> None:
+    """forward is replaced by a new process (--takeover) while R sleeps: the page carries on
+    with the new one, the same R, the answer once."""
+    rserve = fresh_rserve(ocap=True, source=(ROOT / "demo" / "init.R").read_text())
+    port = free_port()
+    args = (
+        *("-s", str(rserve.socket), "-r", str(DOC_ROOT), "-p", str(port)),
+        *("--handover-socket", str(tmp_path / "handover.sock")),
+    )
+    old = await forward_cli(*args, ports=(), ready="listening on")
+    page = await chromium.new_page(viewport={"width": 1000, "height": 1200})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(f"http://127.0.0.1:{port}/")
+    await page.wait_for_selector("body[data-state=login]")
+    await page.fill("#user", "mike")
+    await page.fill("#password", "mypwd")
+    await page.click("#login button")
+    await page.wait_for_selector("body[data-state=ready]")
+
+    async def evaluate(expr: str, during: Any = None) -> str:
+        count = await page.locator(".entry[data-state=done]").count()
+        await page.fill("#expr", expr)
+        await page.press("#expr", "Enter")
+        if during is not None:
+            await during
+        entry = page.locator(".entry[data-state=done]").nth(count)
+        await entry.wait_for(timeout=60_000)
+        return str(await entry.locator(".result, .error").last.text_content())
+
+    await evaluate("x <- 42; invisible(NULL)")
+    pid = await evaluate("Sys.getpid()")
+    new: list[Any] = []
+
+    async def hand_over_during_the_sleep() -> None:
+        await asyncio.sleep(1.0)
+        new.append(await forward_cli(*args, "--takeover", ports=(), ready="took over"))
+
+    answer = await evaluate("Sys.sleep(3); sum(as.numeric(1:1e6))", hand_over_during_the_sleep())
+    assert answer == "[1] 500000500000"
+    assert await old.wait() == 0
+    assert "1 resumable session(s) handed over" in old.log()
+    assert await evaluate("x") == "[1] 42"
+    assert await evaluate("Sys.getpid()") == pid
+    inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
+    assert inputs == [
+        "x <- 42; invisible(NULL)",
+        "Sys.getpid()",
+        "Sys.sleep(3); sum(as.numeric(1:1e6))",
+        "x",
+        "Sys.getpid()",
+    ]
+    assert errors == []
+    await new[0].expect("resumed by")
