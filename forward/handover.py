@@ -118,9 +118,10 @@ class Listener:
 
     name: str  # "http", "ws", "redirect", "admin"
     address: str  # the port, or a unix socket's path
+    row: int = 0  # the --workers process it serves in (its sockets of the shared ones: 0)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "address": self.address}
+        return {"name": self.name, "address": self.address, "row": self.row}
 
 
 def listeners_of(offered: Record, fds: int) -> list[Listener]:
@@ -131,8 +132,29 @@ def listeners_of(offered: Record, fds: int) -> list[Listener]:
     for item in items:
         if not isinstance(item, dict):
             raise HandoverError("a listener that is not described")
-        out.append(Listener(str(item.get("name")), str(item.get("address"))))
+        row = item.get("row", 0)
+        if type(row) is not int or not 0 <= row < 1024:
+            raise HandoverError("a listener of no worker")
+        out.append(Listener(str(item.get("name")), str(item.get("address")), row))
     return out
+
+
+def compare_rows(handed: list[Listener], workers: int) -> str | None:
+    """Why a forward with `workers` processes (1: no --workers) cannot serve on sockets bound
+    for the handed ones' processes, or None. Each worker has its own SO_REUSEPORT sockets, so
+    the number of processes stays what it was."""
+    rows = len({x.row for x in handed}) if handed else 1
+    if rows == workers:
+        return None
+
+    def show(n: int) -> str:
+        return f"--workers {n}" if n > 1 else "a single process"
+
+    return (
+        f"the running forward serves with {show(rows)}; this one is configured for "
+        f"{show(workers)}: a hand-over keeps the processes' sockets, so give the same number "
+        f"(or restart)"
+    )
 
 
 def wanted_listeners(ports: dict[str, int], unix: str | None, admin_port: int) -> list[Listener]:

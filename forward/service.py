@@ -164,7 +164,7 @@ async def _serve(
             announced = True
             lifecycle.ready()
 
-    if config.takeover:
+    if config.takeover and lifecycle is not None:  # a --workers child has its parent's sockets
         channel, predecessor_pid = await succession.take_over(config, server)
         if lifecycle is not None:
             lifecycle.took_over()
@@ -179,9 +179,21 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, contexts.reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if lifecycle is None:
+        # A --workers child: SIGUSR1 says a new forward serves on these sockets (a hand-over):
+        # stop accepting; SIGTERM follows, for the drain and the sessions' end.
+        stopping: list[asyncio.Future[None]] = []
+
+        def stop_accepting() -> None:
+            log.info("a new forward serves on these sockets: no longer accepting")
+            stopping.append(asyncio.ensure_future(server.stop_accepting()))
+
+        loop.add_signal_handler(signal.SIGUSR1, stop_accepting)
     predecessor = None
     if config.handover_socket and lifecycle is not None:
-        predecessor = succession.Predecessor(server, config.handover_socket)
+        predecessor = succession.Predecessor(
+            succession.ServerHolder(server), config.handover_socket
+        )
         predecessor.start()
         predecessor.handed_callbacks.append(stop.set)
         loop.add_signal_handler(signal.SIGUSR2, predecessor.start_successor)
@@ -216,7 +228,7 @@ async def _serve(
             if predecessor is not None and predecessor.handed.is_set() and lifecycle is not None:
                 lifecycle.handed_over()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
         if predecessor is not None:
             predecessor.close(unlink=not predecessor.handed.is_set())

@@ -26,8 +26,8 @@ import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from . import __version__, handover
 from .app import Server
@@ -125,10 +125,57 @@ def _close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
-def _describe(name: str, sock: socket.socket) -> dict[str, Any]:
+def _describe(row: int, name: str, sock: socket.socket) -> dict[str, Any]:
     if sock.family == socket.AF_UNIX:
-        return handover.Listener(name, str(sock.getsockname())).describe()
-    return handover.Listener(name, str(sock.getsockname()[1])).describe()
+        return handover.Listener(name, str(sock.getsockname()), row).describe()
+    return handover.Listener(name, str(sock.getsockname()[1]), row).describe()
+
+
+Listeners = dict[str, list[socket.socket]]
+
+
+class Holder(Protocol):
+    """What a hand-over needs of the process that holds the listeners: a single forward's
+    `Server` (ServerHolder) or the `--workers` parent (workers.Supervisor)."""
+
+    config: Config
+
+    def listening(self) -> list[tuple[int, str, socket.socket]]:
+        """Every listening socket once, with the row (worker) it serves in and its name."""
+        ...
+
+    async def stop_accepting(self) -> None: ...
+
+    async def accept_again(self, rows: list[Listeners]) -> None: ...
+
+    def resumable(self) -> list[ResumableSession]: ...
+
+    def others(self) -> int:
+        """Sessions this process still holds that are not handed over."""
+        ...
+
+
+class ServerHolder:
+    """A single forward as the holder of its listeners and sessions."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.config = server.config
+
+    def listening(self) -> list[tuple[int, str, socket.socket]]:
+        return [(0, name, s) for name, socks in self.server.listening.items() for s in socks]
+
+    async def stop_accepting(self) -> None:
+        await self.server.stop_accepting()
+
+    async def accept_again(self, rows: list[Listeners]) -> None:
+        await self.server.accept_again(rows[0])
+
+    def resumable(self) -> list[ResumableSession]:
+        return list(self.server.resumable.values())
+
+    def others(self) -> int:
+        return len(self.server.sessions)
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -147,8 +194,8 @@ class Predecessor:
     that could not be handed over and exits, leaving the listeners (and the unix socket file) to
     the successor."""
 
-    def __init__(self, server: Server, path: str) -> None:
-        self.server = server
+    def __init__(self, holder: Holder, path: str) -> None:
+        self.holder = holder
         self.path = path
         self.handed = asyncio.Event()
         self.handed_callbacks: list[Callable[[], None]] = []
@@ -222,7 +269,7 @@ class Predecessor:
             self._busy = False
 
     async def _hand_over(self, channel: Channel) -> None:
-        server = self.server
+        holder = self.holder
         hello, fds = await channel.expect("hello")
         _close_fds(fds)
         pid = int(hello.meta.get("pid", 0))
@@ -231,32 +278,34 @@ class Predecessor:
             pid,
             hello.meta.get("forward", "?"),
         )
-        named = [(name, sock) for name, socks in server.listening.items() for sock in socks]
+        named = holder.listening()
         await channel.send(
-            handover.offer(__version__, os.getpid(), [_describe(n, s) for n, s in named]),
-            [s.fileno() for _, s in named],
+            handover.offer(__version__, os.getpid(), [_describe(*x) for x in named]),
+            [s.fileno() for _, _, s in named],
         )
         await channel.expect("accept", within=START_TIMEOUT)
         await channel.expect("ready", within=START_TIMEOUT)
         # Our copies of the listening sockets close with the sites; these keep them for a
         # successor that dies before it holds every session.
-        spare = {
-            name: [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
-            for name, socks in server.listening.items()
-        }
-        await server.stop_accepting()
+        spare: list[Listeners] = []
+        for row, name, sock in named:
+            while len(spare) <= row:
+                spare.append({})
+            spare[row].setdefault(name, []).append(socket.socket(fileno=os.dup(sock.fileno())))
+        await holder.stop_accepting()
         log.info("hand-over: process %d accepts on the listeners now; handing over sessions", pid)
         try:
             handed, left = await self._hand_sessions(channel, pid)
             await channel.send(handover.encode("done", sessions=handed))
             await channel.expect("bye")
         except BaseException:
-            await server.accept_again(spare)
+            await holder.accept_again(spare)
             log.error("hand-over broke off half-way: accepting again, keeping the sessions left")
             raise
-        for socks in spare.values():
-            for sock in socks:
-                sock.close()
+        for listeners in spare:
+            for socks in listeners.values():
+                for sock in socks:
+                    sock.close()
         log.info(
             "hand-over to process %d done: %d resumable session(s) handed over, %d other(s) "
             "end with the shutdown notice",
@@ -296,14 +345,14 @@ class Predecessor:
         """Hand every resumable session over; (handed, left). Sessions still opening (their
         upgrade reached us just before the sites stopped) are waited for, up to the shutdown
         timeout, and so is R taking every byte meant for it."""
-        server = self.server
+        holder = self.holder
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + server.config.shutdown_timeout
+        deadline = loop.time() + holder.config.shutdown_timeout
         handed = 0
         while True:
             ready: list[ResumableSession] = []
             waiting = 0
-            for session in list(server.resumable.values()):
+            for session in holder.resumable():
                 state = session.core.state
                 if state is State.OPEN and session.core.mode is not None:
                     session.quiesce()
@@ -321,8 +370,7 @@ class Predecessor:
             if not waiting or loop.time() >= deadline:
                 break
             await asyncio.sleep(DRAIN_STEP)
-        left = len(server.sessions)
-        return handed, left
+        return handed, holder.others()
 
     async def _hand_one(self, channel: Channel, session: ResumableSession, pid: int) -> None:
         state, kept = session.handover_state()
@@ -343,10 +391,11 @@ class Predecessor:
 # -- the new forward ---------------------------------------------------------------------------
 
 
-async def take_over(config: Config, server: Server) -> tuple[Channel, int]:
-    """Before serving: get the listeners of the forward at `--handover-socket` and serve on
-    them. Returns the channel (for `take_sessions`) and the predecessor's pid. A ConfigError,
-    with the predecessor still serving, when this forward cannot take over."""
+async def receive_listeners(config: Config) -> tuple[Channel, int, list[Listeners]]:
+    """Get the listening sockets of the forward at `--handover-socket`, by row (one row a
+    worker process; one row without --workers), and accept them: the caller serves on them,
+    then says `ready`. A ConfigError, the predecessor still serving, when this forward cannot
+    take over (what it said to the predecessor says why)."""
     path = config.handover_socket
     assert path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -362,29 +411,29 @@ async def take_over(config: Config, server: Server) -> tuple[Channel, int]:
         await channel.send(handover.hello(__version__, os.getpid()))
         offer, fds = await channel.expect("offer")
         try:
-            handed = handover.listeners_of(offer, len(fds))
+            why = handover.readable(offer)
+            handed = handover.listeners_of(offer, len(fds)) if why is None else []
+        except HandoverError:
+            _close_fds(fds)
+            raise
+        if why is None:
             ports = {
                 "http": config.http_port,
                 "ws": config.ws_port,
                 "redirect": config.redirect_port,
             }
-            why = handover.readable(offer) or handover.compare_listeners(
-                handed,
-                handover.wanted_listeners(ports, config.listen_unix, config.admin_port),
+            wanted = handover.wanted_listeners(ports, config.listen_unix, config.admin_port)
+            why = handover.compare_rows(handed, max(1, config.workers)) or (
+                handover.compare_listeners(handed, wanted)
             )
-        except HandoverError:
-            _close_fds(fds)
-            raise
         if why is not None:
             _close_fds(fds)
             await channel.send(handover.encode("refuse", reason=why))
             raise ConfigError(f"--takeover: {why}; the running forward serves on")
-        listeners: dict[str, list[socket.socket]] = {}
+        rows: list[Listeners] = [{} for _ in range(max(1, config.workers))]
         for listener, fd in zip(handed, fds, strict=True):
-            listeners.setdefault(listener.name, []).append(socket.socket(fileno=fd))
+            rows[listener.row].setdefault(listener.name, []).append(socket.socket(fileno=fd))
         await channel.send(handover.encode("accept"))
-        await server.start(listeners)
-        await channel.send(handover.encode("ready"))
     except (HandoverError, Refusal, OSError, TimeoutError) as exc:
         channel.close()
         raise ConfigError(
@@ -393,11 +442,34 @@ async def take_over(config: Config, server: Server) -> tuple[Channel, int]:
     except BaseException:
         channel.close()
         raise
-    return channel, int(offer.meta.get("pid", 0))
+    return channel, int(offer.meta.get("pid", 0)), rows
+
+
+async def serve_on(channel: Channel, start: Awaitable[None]) -> None:
+    """Serve on the received listeners (`start`), then tell the predecessor; if starting
+    fails, the predecessor hears nothing more and serves on."""
+    try:
+        await start
+        await channel.send(handover.encode("ready"))
+    except (HandoverError, OSError, TimeoutError) as exc:
+        channel.close()
+        raise ConfigError(
+            f"--takeover: {exc or type(exc).__name__}; the running forward serves on"
+        ) from None
+    except BaseException:
+        channel.close()
+        raise
+
+
+async def take_over(config: Config, server: Server) -> tuple[Channel, int]:
+    """A single forward's take-over, before it serves: the listeners, then `take_sessions`."""
+    channel, pid, rows = await receive_listeners(config)
+    await serve_on(channel, server.start(rows[0]))
+    return channel, pid
 
 
 async def take_sessions(
-    channel: Channel, server: Server, pid: int, on_done: Callable[[], None]
+    channel: Channel, server: Server | None, pid: int, on_done: Callable[[], None]
 ) -> int:
     """Receive the predecessor's sessions until it is done; returns how many were taken.
     `on_done` runs before the predecessor is told it may go (systemd hears of the new main
@@ -411,9 +483,13 @@ async def take_sessions(
                 on_done()
                 await channel.send(handover.encode("bye"))
                 break
-            if len(fds) != 1:
+            if len(fds) != 1 or server is None:
                 _close_fds(fds)
-                raise HandoverError("a session record without R's socket")
+                raise HandoverError(
+                    "a session record without R's socket"
+                    if server is not None
+                    else "a session for a forward with --workers, which has no resume"
+                )
             sock = socket.socket(fileno=fds[0])
             try:
                 kept = await _receive_kept(channel, int(record.meta.get("kept", 0)))

@@ -24,11 +24,12 @@ import signal
 import socket
 import time
 
-from . import service
+from . import service, succession
 from .config import Config
 from .listeners import bind_listeners
 from .logsetup import close_logging, setup_logging
-from .stats import Stats
+from .resumable import ResumableSession
+from .stats import Stat, Stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ def bind_rows(config: Config, n: int) -> list[Listeners]:
     except BaseException:
         _close(rows)
         raise
+    return share(rows)
+
+
+def share(rows: list[Listeners]) -> list[Listeners]:
+    """Give every row the sockets all workers share, which are bound once, in row 0: the unix
+    socket, the admin port and the redirect port."""
     shared = {k: v for k, v in rows[0].items() if k not in ("http", "ws")}
     unix_http = [s for s in rows[0].get("http", []) if s.family == socket.AF_UNIX]
     for row in rows[1:]:
@@ -76,9 +83,17 @@ def supervise(config: Config) -> int:
 async def _supervise(config: Config) -> int:
     # The PID file is written before anything is bound, as a single forward does.
     async with service.Lifecycle(config) as lifecycle:
-        rows = bind_rows(config, config.workers)
+        takeover = None
+        if config.takeover:
+            channel, pid, rows = await succession.receive_listeners(config)
+            rows = share(rows)
+            lifecycle.took_over()
+            takeover = (channel, pid)
+        else:
+            rows = bind_rows(config, config.workers)
         try:
-            return await Supervisor(config, rows, Stats(config.workers)).run(lifecycle)
+            supervisor = Supervisor(config, rows, Stats(config.workers))
+            return await supervisor.run(lifecycle, takeover)
         finally:
             _close(rows)
 
@@ -98,12 +113,59 @@ class Supervisor:
         self.life_r, self.life_w = os.pipe()
         self.stopping = False
         self.failed = False
+        self.handed = False  # a successor serves on our sockets: the workers stop at once
 
-    async def run(self, lifecycle: service.Lifecycle) -> int:
+    # -- as the holder of the listeners in a hand-over (succession.Holder) --------------------
+
+    def listening(self) -> list[tuple[int, str, socket.socket]]:
+        seen: set[int] = set()
+        out = []
+        for row, listeners in enumerate(self.rows):
+            for name, socks in listeners.items():
+                for sock in socks:
+                    if id(sock) not in seen:  # a shared socket once, in row 0
+                        seen.add(id(sock))
+                        out.append((row, name, sock))
+        return out
+
+    async def stop_accepting(self) -> None:
+        """The successor accepts on the same sockets: the workers stop (SIGUSR1); their
+        sessions go on until the hand-over is done, then end as at SIGTERM."""
+        self._signal_all(signal.SIGUSR1)
+
+    async def accept_again(self, rows: list[Listeners]) -> None:
+        # The workers stopped accepting: new ones take over on the sockets the parent holds.
+        for listeners in rows:
+            for socks in listeners.values():
+                for sock in socks:
+                    sock.close()
+        log.error("restarting the workers on the sockets: the successor failed half-way")
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def resumable(self) -> list[ResumableSession]:
+        return []
+
+    def others(self) -> int:
+        return sum(self.stats.per_row(Stat.SESSIONS_OPEN))
+
+    def _handed(self) -> None:
+        self.handed = True
+        self._stop.set()
+
+    # -- the parent's life --------------------------------------------------------------------
+
+    async def run(
+        self,
+        lifecycle: service.Lifecycle,
+        takeover: tuple[succession.Channel, int] | None = None,
+    ) -> int:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._all_ready = asyncio.Event()
         self._none_left = asyncio.Event()
+        predecessor: succession.Predecessor | None = None
         loop.add_reader(self.ready_r, self._on_ready)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -122,15 +184,32 @@ class Supervisor:
                     len(self.pids),
                     " ".join(str(p) for p in sorted(self.pids)),
                 )
-                lifecycle.ready()
+                if takeover is not None:
+                    channel, pid = takeover
+                    await succession.serve_on(channel, _nothing())
+                    await succession.take_sessions(channel, None, pid, lifecycle.ready)
+                else:
+                    lifecycle.ready()
+            if self.config.handover_socket and not self._stop.is_set():
+                predecessor = succession.Predecessor(self, self.config.handover_socket)
+                predecessor.start()
+                predecessor.handed_callbacks.append(self._handed)
+                loop.add_signal_handler(signal.SIGUSR2, predecessor.start_successor)
             await stop
-            log.info("shutting down %d workers", len(self.pids))
-            await lifecycle.stopping()
+            if self.handed and predecessor is not None:
+                lifecycle.handed_over()
+                log.info("handed over to process %d: stopping the workers", predecessor.successor)
+            else:
+                log.info("shutting down %d workers", len(self.pids))
+                await lifecycle.stopping()
         finally:
             self.stopping = True
             await self._stop_workers()
+            if predecessor is not None:
+                predecessor.close(unlink=not self.handed)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(signal.SIGUSR2)
             loop.remove_reader(self.ready_r)
             for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
                 os.close(fd)
@@ -157,7 +236,7 @@ class Supervisor:
         # before the worker's loop installs its own. SIGHUP is ignored unless the worker
         # installs a handler (TLS reload), so that a reload never kills a worker.
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.close(self.ready_r)
@@ -271,3 +350,7 @@ class Supervisor:
             self._signal_all(signal.SIGKILL)
             async with asyncio.timeout(KILL_GRACE):
                 await self._none_left.wait()
+
+
+async def _nothing() -> None:
+    """The workers serve already when the successor says it is ready."""

@@ -59,6 +59,17 @@ async def plain_session_works(url: str) -> None:
         assert (await c.eval("1 + 1")).value == [2.0]
 
 
+async def plain_session_served(url: str) -> None:
+    """A connection made while a hand-over happens is served: its upgrade is answered and R
+    greets it. The old process may have accepted it just before it stopped: then the session
+    ends as that process's plain sessions do, with the shutdown notice and 1001."""
+    async with await RClient.connect(url) as c:
+        try:
+            assert (await c.eval("1 + 1")).value == [2.0]
+        except ConnectionError as exc:
+            assert "1001" in str(exc) and c.oob and c.oob[-1].header.cmd & 0xFFFFF000 == 0x21000
+
+
 async def test_fifty_resumable_sessions_survive_a_hand_over(
     rserve_qap: Rserve,
     forward_cli: StartCli,
@@ -97,7 +108,7 @@ async def test_fifty_resumable_sessions_survive_a_hand_over(
     async def probe() -> None:
         nonlocal served
         while not stop_probing.is_set():
-            await plain_session_works(url)
+            await plain_session_served(url)
             served += 1
 
     prober = asyncio.create_task(probe())
@@ -251,3 +262,49 @@ async def test_takeover_without_a_running_forward_says_so(
     assert await fwd.wait() == 1
     assert f"cannot reach the running forward at {handover}" in fwd.log()
     assert "Traceback" not in fwd.log()
+
+
+async def test_a_forward_with_workers_hands_its_sockets_over(
+    rserve_qap: Rserve, forward_cli: StartCli, tmp_path: Path
+) -> None:
+    """With --workers (no resume there), a hand-over passes every worker's sockets: no
+    connection is refused meanwhile, open sessions get the shutdown notice and 1001, and the
+    number of workers stays (another number is refused, the running forward unharmed)."""
+    port, _, args = await start_pair(rserve_qap, forward_cli, tmp_path, "--workers", "2")
+    old = await forward_cli(*args, ports=(), ready="2 workers serving")
+    url = f"ws://127.0.0.1:{port}/"
+    plain = [await RClient.connect(url) for _ in range(4)]
+    for p in plain:
+        assert (await p.eval("1")).value == [1.0]
+
+    moved = [a if a != "2" else "3" for a in args]
+    refused = await forward_cli(*moved, "--takeover", ports=(), ready=0)
+    assert await refused.wait() == 1
+    assert "serves with --workers 2; this one is configured for --workers 3" in refused.log()
+    await old.expect("hand-over refused by the new process")
+    await plain_session_works(url)
+
+    served = 0
+    stop_probing = asyncio.Event()
+
+    async def probe() -> None:
+        nonlocal served
+        while not stop_probing.is_set():
+            await plain_session_served(url)
+            served += 1
+
+    prober = asyncio.create_task(probe())
+    new = await forward_cli(*args, "--takeover", ports=(), ready="took over from process")
+    assert await old.wait(within=30) == 0
+    stop_probing.set()
+    await prober
+    assert served > 0
+    for p in plain:
+        msg = await p.ws.receive()
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == qap.SHUTDOWN_NOTICE
+        closing = await p.ws.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await p.close()
+    await plain_session_works(url)
+    assert "Traceback" not in old.log() + new.log()
+    assert await new.stop() == 0
