@@ -220,6 +220,8 @@ async def _serve(
             if lifecycle is not None:
                 lifecycle.handed_over()
             log.info("handed over to process %d: exiting", predecessor.successor)
+            if config.drain_timeout > 0 and server.sessions:
+                await _drain(server, config.drain_timeout, stop)
         else:
             log.info("shutting down")
             if lifecycle is not None:

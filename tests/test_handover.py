@@ -19,7 +19,7 @@ import pytest
 
 from forward import handover, qap
 
-from .conftest import Rserve, StartCli, eventually, free_port
+from .conftest import ROOT, Rserve, StartCli, eventually, free_port
 from .rclient import RClient
 from .resume_client import ResumeClient
 
@@ -308,3 +308,27 @@ async def test_a_forward_with_workers_hands_its_sockets_over(
     await plain_session_works(url)
     assert "Traceback" not in old.log() + new.log()
     assert await new.stop() == 0
+
+
+async def test_systemd_hears_of_the_new_main_process_and_no_stop(
+    rserve_qap: Rserve, forward_cli: StartCli, tmp_path: Path
+) -> None:
+    """Under systemd (Type=notify, NotifyAccess=all as the shipped unit has), the new process
+    says it is the main one before the old one exits, and the old one never says STOPPING: the
+    service stays up through the hand-over."""
+    unit = (ROOT / "deploy" / "systemd" / "forward.service").read_text()
+    assert "NotifyAccess=all" in unit and "--handover-socket /run/forward/" in unit
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    _, _, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    old = await forward_cli(*args, ports=(), ready="listening on", env=env)
+    new = await forward_cli(*args, "--takeover", ports=(), ready="took over", env=env)
+    assert await old.wait() == 0
+    messages = []
+    with notify, contextlib.suppress(BlockingIOError):
+        while True:
+            messages.append(notify.recv(4096).decode())
+    assert messages == [f"READY=1\nMAINPID={old.pid}", f"READY=1\nMAINPID={new.pid}"]
+    await plain_session_works(f"ws://127.0.0.1:{args[args.index('-p') + 1]}/")
