@@ -85,7 +85,8 @@ class ResumableSession(Session):
         # can route a resume to the one that holds the session (docs/operations.md).
         instance = self._settings.instance
         ticket = self.resume.issue()
-        return f"{instance}.{ticket}" if instance else ticket
+        # "_" is a token character (the ticket travels as a subprotocol) that no name holds.
+        return f"{instance}_{ticket}" if instance else ticket
 
     # -- R -> client ---------------------------------------------------------------------------
 

@@ -94,19 +94,15 @@ def valid_instance(name: str) -> bool:
 
 
 def _parse_ticket_token(text: str) -> tuple[str, str, int, str | None] | None:
-    parts = text.split(".")
-    if len(parts) == 3 and valid_instance(parts[0]):
-        instance: str | None = parts.pop(0)
-    elif len(parts) == 2:
-        instance = None
-    else:
+    ticket, _, count = text.partition(".")
+    instance, underscore, ticket = ticket.rpartition("_")
+    if underscore and not valid_instance(instance):
         return None
-    ticket, count = parts
     if len(ticket) != _KEY_HEX + _SECRET_HEX or not set(ticket) <= _HEX:
         return None
     if not count.isdigit() or len(count) > 16 or int(count) > MAX_COUNT:
         return None
-    return ticket[:_KEY_HEX], ticket[_KEY_HEX:], int(count), instance
+    return ticket[:_KEY_HEX], ticket[_KEY_HEX:], int(count), instance if underscore else None
 
 
 def ticket_token(ticket: str, received: int) -> str:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from forward import handover
 from forward.handover import HandoverError, Listener
-from forward.resume import ResumeError, ResumeState
+from forward.resume import PROTOCOL, ResumeError, ResumeState, parse_offer, ticket_token
 from forward.session import SessionCore, State
 
 from .test_session import ID_STRING, RESP_OK, Browser, head, request
@@ -166,3 +166,14 @@ def test_listeners_must_be_the_ones_configured() -> None:
     assert handover.listeners_of(offer, 3) == handed
     with pytest.raises(HandoverError, match="names 3 listeners and carries 2"):
         handover.listeners_of(offer, 2)
+
+
+def test_a_ticket_may_name_its_instance() -> None:
+    key, secret = "0123456789abcdef", "ab" * 16
+    plain = parse_offer([PROTOCOL, ticket_token(key + secret, 12)])
+    assert (plain.key, plain.secret, plain.received, plain.instance) == (key, secret, 12, None)
+    named = parse_offer([PROTOCOL, ticket_token(f"eu-2_{key}{secret}", 7)])
+    assert (named.key, named.secret, named.received, named.instance) == (key, secret, 7, "eu-2")
+    for bad in ("EU_", "-a_", "a.b_", "_", "x" * 33 + "_"):
+        offer = parse_offer([PROTOCOL, ticket_token(bad + key + secret, 0)])
+        assert offer.resuming and offer.key == "" and offer.instance is None, bad  # GONE

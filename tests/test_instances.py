@@ -98,7 +98,7 @@ async def test_resumes_find_their_instance_behind_nginx(
         for c in cs:
             await c.wait_messages(1)
             pids.append(c.values()[0])
-        where = [c.ticket.split(".")[0] for c in cs if c.ticket]
+        where = [c.ticket.split("_")[0] for c in cs if c.ticket]
         assert sorted(set(where)) == ["a", "b"], where  # least_conn spread them
         assert min(where.count("a"), where.count("b")) >= 3, where
 
@@ -120,7 +120,7 @@ async def test_resumes_find_their_instance_behind_nginx(
         assert sum(c.resumes for c in cs) >= 6
 
         # A ticket for one instance, sent straight to the other: gone, at once.
-        holder = next(c for c in cs if c.ticket and c.ticket.startswith("a."))
+        holder = next(c for c in cs if c.ticket and c.ticket.startswith("a_"))
         assert holder.ticket is not None
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(
@@ -131,7 +131,7 @@ async def test_resumes_find_their_instance_behind_nginx(
             assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == ResumeClose.GONE
             assert "the ticket is for instance a; this is instance b" in msg.extra
             # A ticket naming no instance nginx knows goes to the pool, and is gone there too.
-            stray = "zz." + holder.ticket.split(".", 1)[1]
+            stray = "zz_" + holder.ticket.split("_", 1)[1]
             ws = await http.ws_connect(
                 f"wss://127.0.0.1:{port}/", ssl=tls, protocols=(PROTOCOL, ticket_token(stray, 0))
             )
