@@ -18,10 +18,11 @@ import aiohttp
 import pytest
 
 from forward import handover, qap
+from forward.resume import ResumeClose
 
-from .conftest import ROOT, Rserve, StartCli, eventually, free_port
+from .conftest import PKI, ROOT, Rserve, StartCli, eventually, free_port
 from .rclient import RClient
-from .resume_client import ResumeClient
+from .resume_client import Gone, ResumeClient
 
 pytestmark = pytest.mark.rserve
 
@@ -332,3 +333,36 @@ async def test_systemd_hears_of_the_new_main_process_and_no_stop(
             messages.append(notify.recv(4096).decode())
     assert messages == [f"READY=1\nMAINPID={old.pid}", f"READY=1\nMAINPID={new.pid}"]
     await plain_session_works(f"ws://127.0.0.1:{args[args.index('-p') + 1]}/")
+
+
+async def test_over_tls_a_session_keeps_its_certificate_binding_in_the_new_process(
+    rserve_qap: Rserve,
+    forward_cli: StartCli,
+    clients: Callable[..., ResumeClient],
+    tmp_path: Path,
+    pki: PKI,
+) -> None:
+    port, _, args = await start_pair(
+        rserve_qap,
+        forward_cli,
+        tmp_path,
+        *("-k", str(pki.key), "-c", str(pki.cert), "-C", str(pki.ca_file)),
+        *("--tls-client", "request"),
+    )
+    old = await forward_cli(*args, ports=(), ready="listening on")
+    url = f"wss://127.0.0.1:{port}/"
+    c = clients(url, ssl_context=pki.client_context("alice"))
+    await c.connect()
+    await c.eval("x <- 3; Sys.getpid()", 1)
+    await c.wait_messages(1)
+    await forward_cli(*args, "--takeover", ports=(), ready="took over")
+    assert await old.wait() == 0
+    # Another certificate is refused in the new process, as it was in the old one.
+    stolen = clients(url, ssl_context=pki.client_context("bob"))
+    stolen.ticket = c.ticket
+    with pytest.raises(Gone) as refused:
+        await stolen.connect()
+    assert refused.value.code == ResumeClose.REFUSED
+    await c.eval("Sys.getpid()", 2)
+    await c.wait_messages(2)
+    assert c.values()[0] == c.values()[1] and c.resumes == 1
