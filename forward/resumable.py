@@ -40,6 +40,7 @@ class ResumableSession(Session):
         "_backend_full",
         "_control",
         "_grace_timer",
+        "_handing",
         "_quarter",
         "_registry",
         "_stalled",
@@ -71,6 +72,7 @@ class ResumableSession(Session):
         self._control = bytearray()  # a control message arriving in pieces
         self._stalled = False  # reading from R paused: the client's window is full
         self._backend_full = False
+        self._handing = False  # quiesced for a hand-over
 
     @property
     def parked(self) -> bool:
@@ -311,6 +313,9 @@ class ResumableSession(Session):
     # -- a hand-over to another process (handover.py, succession.py) -------------------------
 
     def quiesce(self) -> None:
+        if self._handing:
+            return
+        self._handing = True
         super().quiesce()
         self._stalled = True  # nothing, parking included, may read from R again here
         if self._ack_timer is not None:
@@ -318,6 +323,9 @@ class ResumableSession(Session):
             self._ack_timer = None
 
     def unquiesce(self) -> None:
+        if not self._handing:
+            return
+        self._handing = False
         self._stalled = self.resume.outbox.full
         super().unquiesce()
 

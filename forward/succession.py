@@ -41,6 +41,7 @@ log = logging.getLogger("forward")
 HELLO_TIMEOUT = 10.0  # for each record of the conversation, except:
 START_TIMEOUT = 60.0  # the successor loads its certificates and starts serving
 DRAIN_STEP = 0.01  # how often the predecessor looks whether R took every byte meant for it
+BATCH = 64  # sessions sent before their `taken` answers are read
 
 
 class Channel:
@@ -300,6 +301,8 @@ class Predecessor:
             await channel.expect("bye")
         except BaseException:
             await holder.accept_again(spare)
+            for session in holder.resumable():
+                session.unquiesce()
             log.error("hand-over broke off half-way: accepting again, keeping the sessions left")
             raise
         for listeners in spare:
@@ -344,35 +347,50 @@ class Predecessor:
     async def _hand_sessions(self, channel: Channel, pid: int) -> tuple[int, int]:
         """Hand every resumable session over; (handed, left). Sessions still opening (their
         upgrade reached us just before the sites stopped) are waited for, up to the shutdown
-        timeout, and so is R taking every byte meant for it."""
+        timeout, and so is R taking every byte meant for it. Sessions go in batches: each is
+        at rest from its batch's start until the client is told to resume, so a batch is
+        what one client waits for, not the whole hand-over."""
         holder = self.holder
         loop = asyncio.get_running_loop()
         deadline = loop.time() + holder.config.shutdown_timeout
         handed = 0
         while True:
-            ready: list[ResumableSession] = []
+            candidates: list[ResumableSession] = []
             waiting = 0
             for session in holder.resumable():
                 state = session.core.state
                 if state is State.OPEN and session.core.mode is not None:
+                    candidates.append(session)
+                elif state is State.CONNECTING or state is State.OPEN:
+                    waiting += 1  # R's greeting not in yet
+            for start in range(0, len(candidates), BATCH):
+                batch = []
+                for session in candidates[start : start + BATCH]:
                     session.quiesce()
                     if session.backend_queued == 0:
-                        ready.append(session)
+                        batch.append(session)
                     else:
-                        waiting += 1
-                elif state is State.CONNECTING or (
-                    state is State.OPEN and session.core.mode is None
-                ):
-                    waiting += 1
-            for session in ready:
-                await self._hand_one(channel, session, pid)
-                handed += 1
+                        waiting += 1  # R has not taken the client's last bytes yet
+                for session in batch:
+                    await self._send_one(channel, session)
+                for session in batch:
+                    taken, _ = await channel.expect("taken")
+                    if taken.meta.get("key") != session.resume.key:
+                        raise HandoverError("the successor took another session than the one sent")
+                    log.info(
+                        "session %d from %s: handed over to process %d",
+                        session.id,
+                        session.label,
+                        pid,
+                    )
+                    session.handed_over(pid)
+                    handed += 1
             if not waiting or loop.time() >= deadline:
                 break
             await asyncio.sleep(DRAIN_STEP)
         return handed, holder.others()
 
-    async def _hand_one(self, channel: Channel, session: ResumableSession, pid: int) -> None:
+    async def _send_one(self, channel: Channel, session: ResumableSession) -> None:
         state, kept = session.handover_state()
         fd = session.backend_fd()
         try:
@@ -381,11 +399,6 @@ class Predecessor:
             os.close(fd)
         for piece in handover.chunks(kept):
             await channel.send(handover.encode("data", piece))
-        taken, _ = await channel.expect("taken")
-        if taken.meta.get("key") != session.resume.key:
-            raise HandoverError("the successor took another session than the one sent")
-        log.info("session %d from %s: handed over to process %d", session.id, session.label, pid)
-        session.handed_over(pid)
 
 
 # -- the new forward ---------------------------------------------------------------------------

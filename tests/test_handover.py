@@ -366,3 +366,46 @@ async def test_over_tls_a_session_keeps_its_certificate_binding_in_the_new_proce
     await c.eval("Sys.getpid()", 2)
     await c.wait_messages(2)
     assert c.values()[0] == c.values()[1] and c.resumes == 1
+
+
+async def test_a_successor_that_dies_half_way_leaves_the_sessions_with_the_old_process(
+    rserve_qap: Rserve,
+    forward_cli: StartCli,
+    clients: Callable[..., ResumeClient],
+    tmp_path: Path,
+) -> None:
+    """A stand-in successor says it serves, takes the first session's record and dies (what a
+    crash of the new process looks like from the old one): the old one accepts again, keeps
+    every session, and they carry on unharmed."""
+    port, handover_path, args = await start_pair(rserve_qap, forward_cli, tmp_path)
+    old = await forward_cli(*args, ports=(), ready="listening on")
+    url = f"ws://127.0.0.1:{port}/"
+    cs = []
+    for i in range(3):
+        c = clients(url)
+        await c.connect()
+        await c.eval(f"x <- {i}; Sys.getpid()", 1)
+        await c.wait_messages(1)
+        cs.append(c)
+
+    def dying_successor() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(10)
+            s.connect(handover_path)
+            s.send(handover.hello("0.0", os.getpid()))
+            _, fds, _, _ = socket.recv_fds(s, handover.MAX_RECORD, handover.MAX_FDS)
+            s.send(handover.encode("accept"))
+            s.send(handover.encode("ready"))
+            record, session_fds, _, _ = socket.recv_fds(s, handover.MAX_RECORD, 4)
+            assert handover.decode(record).kind == "session" and len(session_fds) == 1
+            for fd in fds + session_fds:
+                os.close(fd)
+
+    await asyncio.to_thread(dying_successor)
+    await old.expect("hand-over broke off half-way: accepting again")
+    for i, c in enumerate(cs):
+        await c.eval("x", 2)
+        await c.wait_messages(2)
+        assert c.values() == [c.values()[0], [float(i)]] and c.resumes == 0
+    await plain_session_works(url)
+    assert old.proc.returncode is None and "Traceback" not in old.log()
