@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from . import qap
+from . import qap, rpid
 from .session import SessionCore, State
 from .stats import Slot, Stat
 from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
@@ -421,8 +421,19 @@ class Session:
             # One line when the session is open, at R's greeting, not two: thousands of
             # sessions can open per second, and each log line costs.
             log.info(
-                "session %d from %s opened: Rserve in %s mode", self.id, self.label, mode.value
+                "session %d from %s opened: Rserve in %s mode, R pid %s",
+                self.id,
+                self.label,
+                mode.value,
+                self._r_pid(),
             )
+
+    def _r_pid(self) -> int | str:
+        """The R process's pid for the log: what an operator greps for (rpid.py)."""
+        transport = self._backend.transport if self._backend is not None else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        pid = rpid.find_r_pid(sock) if sock is not None else None
+        return "unknown" if pid is None else pid
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self._backend is None:
