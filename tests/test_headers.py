@@ -137,6 +137,30 @@ def test_options_on_the_command_line(pki: PKI) -> None:
             parse_args(argv)
 
 
+def test_options_in_the_configuration_file() -> None:
+    from forward import configfile
+
+    text = """
+frame-origin = "https://portal.example.com"
+add-header = ["X-Robots-Tag: noindex", "Permissions-Policy: camera=()"]
+hsts = 3600
+hsts-include-subdomains = true
+tls-ciphers = "ECDHE+AESGCM"
+rscript-timeout = 30
+"""
+    values = configfile.parse(text)
+    assert values == {
+        "frame_origin": "https://portal.example.com",
+        "add_header": ("X-Robots-Tag: noindex", "Permissions-Policy: camera=()"),
+        "hsts": 3600,
+        "hsts_include_subdomains": True,
+        "tls_ciphers": "ECDHE+AESGCM",
+        "rscript_timeout": 30.0,
+    }
+    with pytest.raises(ConfigError, match="hsts: expected an integer"):
+        configfile.parse("hsts = 'day'")
+
+
 # -- every answer of a real forward ----------------------------------------------------------------
 
 
