@@ -17,7 +17,7 @@ import pytest
 from forward import rpid
 from forward.rpid import RProcess, children_of, diag_request, find_r_pid, peer_from_reply
 
-from .conftest import Rserve, StartForward, eventually
+from .conftest import Rserve, StartCli, StartForward, eventually
 from .rclient import RClient
 
 # -- pure: the netlink messages --------------------------------------------------------------------
@@ -82,6 +82,15 @@ async def test_session_log_names_rs_own_pid(
         pid = int((await c.eval("Sys.getpid()")).value[0])
     assert rserve_qap.proc is not None and pid != rserve_qap.proc.pid
     assert f"opened: Rserve in QAP mode, R pid {pid}" in caplog.text
+
+
+@pytest.mark.rserve
+async def test_the_command_logs_rs_pid(rserve_qap: Rserve, forward_cli: StartCli) -> None:
+    """The same through `python -m forward` (uvloop's transports give their own socket type)."""
+    fwd = await forward_cli("-s", str(rserve_qap.socket))
+    async with await RClient.connect(fwd.url("ws")) as c:
+        pid = int((await c.eval("Sys.getpid()")).value[0])
+    await fwd.expect(f"opened: Rserve in QAP mode, R pid {pid}")
 
 
 @pytest.mark.rserve
