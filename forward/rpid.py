@@ -123,11 +123,12 @@ def find_r_pid(sock: socket.socket) -> int | None:
         parent = listener_pid(sock)
     except OSError:
         return None
-    peer = peer_inode(sock) if parent > 0 else None
+    me = os.getpid()
+    # A listener in this process (a test's fake Rserve) has no R children of its own.
+    peer = peer_inode(sock) if parent > 0 and parent != me else None
     if peer is None:
         return None
     link = f"socket:[{peer}]"
-    me = os.getpid()
     for child in children_of(parent):
         if child != me and _holds(child, link):
             return child
