@@ -43,6 +43,12 @@ _RTATTR = struct.Struct("=HH")  # length, type
 
 # After SIGTERM, how long R gets before SIGKILL.
 KILL_GRACE = 5.0
+# The pid is looked up at R's greeting, when the fork for this connection is among the newest
+# children; looking further would cost a directory listing per open session.
+MAX_CANDIDATES = 128
+# A process just forked for one connection holds a handful of descriptors; one holding more
+# serves many connections (a pre-forked server, not Rserve) and is not listed fd by fd.
+MAX_FDS = 256
 
 
 def diag_request(inode: int, seq: int = 1) -> bytes:
@@ -76,24 +82,29 @@ def peer_from_reply(data: bytes) -> int | None:
 
 
 def children_of(pid: int, proc: str = "/proc") -> list[int]:
-    """The children of `pid` (every thread's), newest first: the R process of a connection
-    just made is almost always the last one forked."""
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"{proc}/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"{proc}/{pid}/task/{task}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-    return sorted(kids, reverse=True)
+    """The children `pid`'s main thread forked (Rserve forks there), newest first: the R
+    process of a connection just made is almost always the last one forked."""
+    try:
+        with open(f"{proc}/{pid}/task/{pid}/children") as f:
+            return sorted((int(k) for k in f.read().split()), reverse=True)
+    except (OSError, ValueError):
+        return []
 
 
 def _holds(pid: int, link: str, proc: str = "/proc") -> bool:
+    fd_dir = f"{proc}/{pid}/fd"
     try:
-        fds = os.listdir(f"{proc}/{pid}/fd")
+        # The size of /proc/PID/fd is its number of descriptors (Linux 6.2; 0 before).
+        if os.stat(fd_dir).st_size > MAX_FDS:
+            return False
+        fds = os.listdir(fd_dir)
     except OSError:  # gone, or not ours to look at
+        return False
+    if len(fds) > MAX_FDS:
         return False
     for fd in fds:
         with contextlib.suppress(OSError):
-            if os.readlink(f"{proc}/{pid}/fd/{fd}") == link:
+            if os.readlink(f"{fd_dir}/{fd}") == link:
                 return True
     return False
 
@@ -129,7 +140,7 @@ def find_r_pid(sock: socket.socket) -> int | None:
     if peer is None:
         return None
     link = f"socket:[{peer}]"
-    for child in children_of(parent):
+    for child in children_of(parent)[:MAX_CANDIDATES]:
         if child != me and _holds(child, link):
             return child
     return None

@@ -62,10 +62,10 @@ def test_peer_from_reply() -> None:
 
 
 def test_children_of(tmp_path: Path) -> None:
-    for task, kids in (("10", "12 30 "), ("11", "25")):
+    for task, kids in (("10", "12 30 25 "), ("11", "40")):
         (tmp_path / "10" / "task" / task).mkdir(parents=True)
         (tmp_path / "10" / "task" / task / "children").write_text(kids)
-    assert children_of(10, str(tmp_path)) == [30, 25, 12]  # newest first
+    assert children_of(10, str(tmp_path)) == [30, 25, 12]  # the main thread's, newest first
     assert children_of(99, str(tmp_path)) == []
 
 
