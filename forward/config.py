@@ -490,6 +490,12 @@ class Config:
             raise ConfigError(str(exc)) from exc
         if self.admin_port and self.admin_port in (self.http_port, self.ws_port):
             raise ConfigError(f"--admin-port {self.admin_port} is already used by -p or -w")
+        if self.tls_ciphers:
+            import ssl
+
+            from .tls import set_ciphers
+
+            set_ciphers(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self.tls_ciphers)
         from .headers import HeaderError, response_headers
 
         try:

@@ -260,13 +260,7 @@ def build_context(config: Config, environ: Mapping[str, str] | None = None) -> s
     ctx.minimum_version = MIN_VERSIONS[config.tls_min_version]
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ciphers = config.tls_ciphers or INTERMEDIATE_CIPHERS
-    try:
-        ctx.set_ciphers(ciphers)
-    except ssl.SSLError:
-        raise ConfigError(
-            f"--tls-ciphers {ciphers!r}: OpenSSL selects no cipher from this list"
-        ) from None
+    set_ciphers(ctx, config.tls_ciphers)
     if config.tls_ca:
         # Before the certificate: a -c holding only the leaf gets its chain from this store.
         try:
@@ -298,6 +292,16 @@ def build_context(config: Config, environ: Mapping[str, str] | None = None) -> s
     ctx.verify_mode = policy.verify_mode
     _warn_expiry(config.tls_cert, cert_pem)
     return ctx
+
+
+def set_ciphers(ctx: ssl.SSLContext, ciphers: str | None) -> None:
+    """The TLS 1.2 cipher list: --tls-ciphers, or Mozilla's intermediate profile."""
+    try:
+        ctx.set_ciphers(ciphers or INTERMEDIATE_CIPHERS)
+    except ssl.SSLError:
+        raise ConfigError(
+            f"--tls-ciphers {ciphers!r}: OpenSSL selects no cipher from this list"
+        ) from None
 
 
 def _ssl_reason(exc: OSError) -> str:
