@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
@@ -121,17 +121,26 @@ class ResponseHeaders:
     """(name, value) pairs set on every response, in order; a name repeated is sent twice."""
 
     pairs: tuple[tuple[str, str], ...]
+    # Worked out once: whether each pair is added beside a header of the same name or replaces
+    # it (this runs for every response, static files at thousands a second among them).
+    _plan: tuple[tuple[str, str, bool], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        plan = []
+        for name, value in self.pairs:
+            key = name.lower()
+            plan.append((name, value, key in seen or key == CSP.lower()))
+            seen.add(key)
+        object.__setattr__(self, "_plan", tuple(plan))
 
     def apply(self, response: web.StreamResponse) -> None:
         out = response.headers
-        seen: set[str] = set()
-        for name, value in self.pairs:
-            key = name.lower()
-            if key in seen or key == CSP.lower():
+        for name, value, add in self._plan:
+            if add:
                 out.add(name, value)
             else:
                 out[name] = value
-            seen.add(key)
 
     def without_hsts(self) -> ResponseHeaders:
         """For the plain listeners (redirect, admin): HSTS belongs to the TLS answer only."""
