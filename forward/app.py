@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
-from . import accesslog, health, resume, tls, wsconn
+from . import accesslog, headers, health, resume, tls, wsconn
 from .aiohttp_private import SERVER, WrappingRunner
 from .config import Config, ConfigError
 from .guard import (
@@ -378,13 +378,6 @@ async def server_header(request: web.Request, response: web.StreamResponse) -> N
         response.force_close()
 
 
-def hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    async def add_header(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[hdrs.STRICT_TRANSPORT_SECURITY] = f"max-age={max_age}"
-
-    return add_header
-
-
 def redirect_to_https(https_port: Callable[[], int]) -> Handler:
     """The --redirect-port handler: every request goes to the same path over https on -p."""
 
@@ -428,8 +421,7 @@ def build_app(
     app[WS_PING] = ws_ping
     if config is not None:
         app[POLICY] = tls.parse_policy(config.tls_client)
-        if config.tls and config.hsts > 0:
-            app.on_response_prepare.append(hsts(config.hsts))
+        app.on_response_prepare.append(headers.hook(headers.for_config(config)))
     app[RELAY] = relay
     app[SESSIONS] = sessions
     app[RESUMABLE] = resumable if resumable is not None else {}
@@ -527,6 +519,8 @@ class Server:
             apps["redirect"] = build_app(
                 relay, self.sessions, "redirect", redirect_to_https(lambda: self.port("http"))
             )
+            plain = headers.for_config(c).without_hsts()
+            apps["redirect"].on_response_prepare.append(headers.hook(plain))
         for app in apps.values():
             app[accesslog.STATS_ROW] = relay.stats
             app[accesslog.GUARD] = guard
@@ -534,6 +528,9 @@ class Server:
             admin = self._admin = health.Admin(c.socket, self.stats, c.workers)
             apps["admin"] = health.build_admin_app(admin)
             apps["admin"].on_response_prepare.append(server_header)
+            apps["admin"].on_response_prepare.append(
+                headers.hook(headers.for_config(c).without_hsts())
+            )
         stats_row = relay.stats
         if isinstance(self.ssl_context, ssl.SSLContext):
             health.count_tls_failures(self.ssl_context, stats_row)

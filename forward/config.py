@@ -103,14 +103,27 @@ class Config:
         choices=("1.2", "1.3"),
         help="oldest TLS version accepted: 1.2 (default) or 1.3",
     )
-    hsts: int = _opt(
-        0,
+    tls_ciphers: str | None = _opt(
+        None,
+        "--tls-ciphers",
+        metavar="LIST",
+        help="OpenSSL cipher list for TLS 1.2 (default: Mozilla's intermediate profile, ECDHE "
+        "with AES-GCM or ChaCha20-Poly1305 only; TLS 1.3 suites are OpenSSL's)",
+    )
+    hsts: int | None = _opt(
+        None,
         "--hsts",
         metavar="SECONDS",
-        help="with TLS, send Strict-Transport-Security: max-age=SECONDS (default 0: not sent; "
-        "86400 is a careful start)",
+        help="with TLS, the max-age of Strict-Transport-Security (default 86400, one day, as "
+        "RStudio Server; 0: not sent)",
         min=0,
         rule="{flag} must be 0 (off) or a number of seconds",
+    )
+    hsts_include_subdomains: bool = _opt(
+        False,
+        "--hsts-include-subdomains",
+        help="add includeSubDomains to Strict-Transport-Security (every subdomain must then "
+        "have HTTPS)",
     )
     redirect_port: int = _opt(
         0,
@@ -168,6 +181,21 @@ class Config:
         "with 1009 (default 0: no limit; results are streamed, not held in memory)",
         min=0,
         rule="{flag} must be 0 (no limit) or a positive number",
+    )
+    frame_origin: str = _opt(
+        "none",
+        "--frame-origin",
+        metavar="ORIGIN",
+        help="which pages may show forward's pages in a frame (X-Frame-Options and CSP "
+        "frame-ancestors): none (default), same (this site), any, or origins such as "
+        "https://portal.example.com, separated by spaces",
+    )
+    add_header: tuple[str, ...] = _opt(
+        (),
+        "--add-header",
+        metavar="NAME:VALUE",
+        help="a header added to every HTTP response (as RStudio's server-add-header); "
+        "repeatable; replaces forward's own value of that header",
     )
     allow_origin: tuple[str, ...] = _opt(
         (),
@@ -324,6 +352,16 @@ class Config:
         min=0,
         rule="{flag} must be 0 (no limit) or a number of bytes",
     )
+    rscript_timeout: float = _opt(
+        300.0,
+        "--rscript-timeout",
+        metavar="SECONDS",
+        help="longest time R may take to render a .R request: past it the browser gets 504, "
+        "R's connection is closed and its process ended where forward may signal it "
+        "(default 300; 0: no limit)",
+        min=0,
+        rule="{flag} must be 0 (no limit) or a number of seconds",
+    )
     trusted_proxy: tuple[str, ...] = _opt(
         (),
         "--trusted-proxy",
@@ -390,6 +428,14 @@ class Config:
         return self.tls_key is not None
 
     @property
+    def hsts_max_age(self) -> int:
+        """Seconds of Strict-Transport-Security: one day with TLS unless --hsts says otherwise,
+        never without TLS (browsers ignore it over plain HTTP)."""
+        if not self.tls:
+            return 0
+        return 86400 if self.hsts is None else self.hsts
+
+    @property
     def trusted_proxies(self) -> tuple[str, ...]:
         """The networks --trusted-proxy means: loopback when none is named (nginx or a sidecar
         on this host, as in the README: every browser would otherwise be one client, capped by
@@ -428,6 +474,8 @@ class Config:
             for name, value in (
                 ("--tls-client", self.tls_client),
                 ("--hsts", self.hsts),
+                ("--hsts-include-subdomains", self.hsts_include_subdomains),
+                ("--tls-ciphers", self.tls_ciphers),
                 ("--redirect-port", self.redirect_port),
             ):
                 if value:
@@ -473,6 +521,18 @@ class Config:
             raise ConfigError(str(exc)) from exc
         if self.admin_port and self.admin_port in (self.http_port, self.ws_port):
             raise ConfigError(f"--admin-port {self.admin_port} is already used by -p or -w")
+        if self.tls_ciphers:
+            import ssl
+
+            from .tls import set_ciphers
+
+            set_ciphers(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self.tls_ciphers)
+        from .headers import HeaderError, response_headers
+
+        try:
+            response_headers(self.frame_origin, self.add_header, 0, False)
+        except HeaderError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _check_declared(f: dataclasses.Field[Any], value: Any) -> None:
@@ -483,6 +543,8 @@ def _check_declared(f: dataclasses.Field[Any], value: Any) -> None:
     if choices and value not in choices:
         raise ConfigError(f"{flag} {value}: must be one of {', '.join(choices)}")
     low, high = meta.get("min"), meta.get("max")
+    if value is None:  # an optional setting left to its default
+        return
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (
             f"between {low} and {high}"
@@ -505,6 +567,8 @@ def kind(f: dataclasses.Field[Any]) -> str:
         return "flag"
     if t in ("int", "float"):
         return t
+    if t == "int | None":
+        return "int"
     return "str"
 
 

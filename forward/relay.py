@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from . import qap
+from . import qap, rpid
 from .session import SessionCore, State
 from .stats import Slot, Stat
 from .wsconn import (
@@ -85,7 +85,7 @@ class _Backend(asyncio.BufferedProtocol):
         return self._buffer.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._session.from_backend(self._buffer.view[:nbytes])
+        self._session.from_backend(self._buffer.view[:nbytes], self.transport)
 
     def eof_received(self) -> bool:
         return False  # close our side too: Rserve does not half-close
@@ -484,7 +484,9 @@ class Session:
 
     # -- Rserve -> browser -------------------------------------------------------------------
 
-    def from_backend(self, data: bytes | memoryview) -> None:
+    def from_backend(
+        self, data: bytes | memoryview, transport: asyncio.Transport | None = None
+    ) -> None:
         self.bytes_from_r += len(data)
         self._stats.add(Stat.BYTES_FROM_R, len(data))
         if self._settings.idle_timeout:
@@ -509,10 +511,16 @@ class Session:
                 self._greeting_timer.cancel()
                 self._greeting_timer = None
             # One line when the session is open, at R's greeting, not two: thousands of
-            # sessions can open per second, and each log line costs.
-            log.info(
-                "session %d from %s opened: Rserve in %s mode", self.id, self.label, mode.value
-            )
+            # sessions can open per second, and each log line costs (R's pid too: looked up
+            # only when the line is written).
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "session %d from %s opened: Rserve in %s mode, R pid %s",
+                    self.id,
+                    self.label,
+                    mode.value,
+                    _r_pid(transport),
+                )
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self._backend is None:
@@ -557,6 +565,15 @@ class Session:
         ws.writelines((head, data))
         if transport.get_write_buffer_size() > 0:
             self._buffer.renew()
+
+
+def _r_pid(transport: asyncio.Transport | None) -> int | str:
+    """The pid of the R process at the other end, for the log: what an operator greps for
+    (rpid.py). The transport comes with the bytes: R's greeting may arrive before `start`
+    has taken the connection over."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    pid = rpid.find_r_pid(sock) if sock is not None else None
+    return "unknown" if pid is None else pid
 
 
 async def connect_unix(path: str, deadline: float | None = None) -> socket.socket:

@@ -5,6 +5,10 @@ the page; `call_r` is the thin async layer around the pure call in ocap.py: conn
 socket, read the greeting, send the call, read the answer, close. One connection per request, as
 the C forward does: each is a fresh R process, so no state leaks from one caller to the next.
 Every failure is a `Refusal` (500 with a clear text), logged; the server goes on serving.
+
+R gets `--rscript-timeout` seconds to answer. Past it the browser gets 504, R's connection is
+closed, and the R process is ended (rpid.py: SIGTERM, then SIGKILL), because an R busy in a loop
+does not notice a closed socket and would run on, holding its memory and a CPU, for ever.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
@@ -32,6 +38,7 @@ from .ocap import (
     unpack_answer,
 )
 from .qap import HEADER_SIZE, Header
+from .rpid import RProcess
 from .static import DocRoot, Refusal, Target
 from .tls import certificate_subject
 
@@ -66,11 +73,27 @@ async def _read_message(
 Build = Callable[[bytes, int], list[bytes]]
 
 
+@dataclass(slots=True)
+class RCall:
+    """What one call learnt about the R process that serves it, once R has greeted."""
+
+    process: RProcess | None = None
+
+    @property
+    def pid(self) -> int | str:
+        return self.process.pid if self.process is not None else "unknown"
+
+
 async def call_r(
-    socket_path: str, build: Build, connect_timeout: float, max_answer: int
+    socket_path: str,
+    build: Build,
+    connect_timeout: float,
+    max_answer: int,
+    call: RCall | None = None,
 ) -> tuple[Header, bytes]:
     """Connect to the OCAP Rserve, read its greeting, send the call `build(capability, msg_id)`
-    returns, and read the answer (OOB_SEND messages R may send first are skipped)."""
+    returns, and read the answer (OOB_SEND messages R may send first are skipped). `call`
+    is told which R process answers, as soon as it is known."""
     try:
         async with asyncio.timeout(connect_timeout or None):
             reader, writer = await asyncio.open_unix_connection(socket_path)
@@ -88,6 +111,10 @@ async def call_r(
         except asyncio.IncompleteReadError:
             raise fail("R services closed the connection in the greeting.") from None
         capability = parse_greeting(head, payload)
+        sock = writer.get_extra_info("socket")
+        if call is not None and sock is not None:
+            # R has greeted: the process Rserve forked for this connection exists.
+            call.process = RProcess.of(cast(socket.socket, sock))
         writer.writelines(build(capability, head.msg_id))
         await writer.drain()
         while True:
@@ -117,6 +144,7 @@ class RScripts:
     max_body: int
     max_answer: int
     trusted: tuple[Network, ...]
+    timeout: float = 0.0
 
     @classmethod
     def from_config(cls, config: Config, docroot: DocRoot) -> RScripts:
@@ -127,6 +155,7 @@ class RScripts:
             config.max_body_size,
             config.max_message_size,
             tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies),
+            config.rscript_timeout,
         )
 
     def find_script(self, target: Target) -> tuple[str, str]:
@@ -162,6 +191,7 @@ class RScripts:
         return bytes(data)
 
     async def handle(self, request: web.Request, target: Target) -> web.StreamResponse:
+        script = "-"
         if not target.path.startswith((b"/library/", b"/doc/")):
             script, info = self.find_script(target)
             log.debug("R script %s (path info %r)", script, info)
@@ -183,16 +213,35 @@ class RScripts:
         def build(capability: bytes, msg_id: int) -> list[bytes]:
             return pack_call(capability, msg_id, target.path, query, block, body)
 
+        url = target.path.decode("utf-8", "replace")
+        call = RCall()
         try:
-            header, payload = await call_r(
-                self.socket_path, build, self.connect_timeout, self.max_answer
-            )
+            async with asyncio.timeout(self.timeout or None):
+                header, payload = await call_r(
+                    self.socket_path, build, self.connect_timeout, self.max_answer, call
+                )
             answer = unpack_answer(header, payload)
-        except Refusal as refusal:
+        except TimeoutError:
+            # call_r has closed R's connection on its way out; R itself may still be busy.
+            pid = call.pid
+            process, call.process = call.process, None  # its pidfd stays open for SIGKILL
+            done = process.end() if process is not None else "its pid is unknown"
             log.warning(
-                "%s %s: %s", request.method, target.path.decode("utf-8", "replace"), refusal.text
+                "%s %s: no answer from R (pid %s) within %g s; script %s; connection closed, %s",
+                *(request.method, url, pid, self.timeout, script, done),
             )
+            raise Refusal(
+                504, f"R did not answer within {self.timeout:g} s (--rscript-timeout)."
+            ) from None
+        except Refusal as refusal:
+            log.warning("%s %s: %s (R pid %s)", request.method, url, refusal.text, call.pid)
             raise
+        finally:
+            if call.process is not None:
+                call.process.close()
+        log.info(
+            "%s %s: rendered by R pid %s, status %d", request.method, url, call.pid, answer.status
+        )
         if answer.dropped:
             log.warning(
                 "%s: R set header(s) %s, which forward sets itself; left out",

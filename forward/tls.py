@@ -34,6 +34,20 @@ log = logging.getLogger(__name__)
 PASSPHRASE_ENV = "FORWARD_TLS_PASSPHRASE"
 HANDSHAKE_TIMEOUT = 30.0
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# Mozilla's "intermediate" profile for TLS 1.2 (ssl-config.mozilla.org, version 5.7) without
+# its DHE suites, which need DH parameters forward does not load: forward secrecy and AEAD only.
+# OpenSSL's defaults add CBC suites with SHA-2 MACs (LUCKY13 and friends). TLS 1.3 suites are
+# all AEAD and are set apart from this list by OpenSSL.
+INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 # A peer certificate as `SSLSocket.getpeercert()` returns it (empty when none was verified).
 PeerCert = Mapping[str, Any]
@@ -246,6 +260,7 @@ def build_context(config: Config, environ: Mapping[str, str] | None = None) -> s
     ctx.minimum_version = MIN_VERSIONS[config.tls_min_version]
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_ciphers(ctx, config.tls_ciphers)
     if config.tls_ca:
         # Before the certificate: a -c holding only the leaf gets its chain from this store.
         try:
@@ -277,6 +292,16 @@ def build_context(config: Config, environ: Mapping[str, str] | None = None) -> s
     ctx.verify_mode = policy.verify_mode
     _warn_expiry(config.tls_cert, cert_pem)
     return ctx
+
+
+def set_ciphers(ctx: ssl.SSLContext, ciphers: str | None) -> None:
+    """The TLS 1.2 cipher list: --tls-ciphers, or Mozilla's intermediate profile."""
+    try:
+        ctx.set_ciphers(ciphers or INTERMEDIATE_CIPHERS)
+    except ssl.SSLError:
+        raise ConfigError(
+            f"--tls-ciphers {ciphers!r}: OpenSSL selects no cipher from this list"
+        ) from None
 
 
 def _ssl_reason(exc: OSError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import struct
@@ -35,7 +36,7 @@ from forward.rexp import RObj
 from forward.rscript import is_rscript
 from forward.static import Refusal
 
-from .conftest import C_FORWARD, Rserve, Running, StartForward, free_port
+from .conftest import C_FORWARD, Rserve, Running, StartForward, eventually, free_port
 
 # -- pure: packing ---------------------------------------------------------------------------------
 
@@ -262,11 +263,16 @@ render <- function(req) {
     errstr = "custom error from R",
     echo = list(req, "application/octet-stream"),
     number = 42,
+    pid = list(as.character(Sys.getpid()), "text/plain"),
+    loop = repeat {},
     list(paste("unknown page", url), "text/plain", NULL, 404L))
 }
 oc.init <- function() ocap(render)
 """
-PAGES = ["text", "raw", "json", "headers", "status", "dstatus", "error", "errstr", "echo", "number"]
+PAGES = [
+    *("text", "raw", "json", "headers", "status", "dstatus", "error", "errstr", "echo", "number"),
+    *("pid", "loop"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +457,66 @@ async def test_body_limit(rpages: Rserve, docroot: Path, start_forward: StartFor
         async with s.post(fwd.http_url("/echo.R"), data=b"z" * 1000) as r:
             assert r.status == 200
             assert split_request(await r.read())[3] == b"z" * 1000
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for Rserve to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.rserve
+async def test_r_pid_is_logged_with_each_request(
+    rpages: Rserve, docroot: Path, start_forward: StartForward, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="forward")
+    fwd = await serve(start_forward, docroot, rpages.socket)
+    async with aiohttp.ClientSession() as s, s.get(fwd.http_url("/pid.R")) as r:
+        pid = int(await r.text())  # R's own Sys.getpid()
+    assert f"GET /pid.R: rendered by R pid {pid}, status 200" in caplog.text
+    assert rpages.proc is not None and pid != rpages.proc.pid  # the fork, not Rserve itself
+
+
+@pytest.mark.rserve
+async def test_rscript_timeout(
+    fresh_rserve: Callable[..., Rserve],
+    docroot: Path,
+    start_forward: StartForward,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A script that never returns: 504 past the limit, its R process ended, and the server
+    (and Rserve) serving other requests meanwhile and afterwards."""
+    rserve = fresh_rserve(ocap=True, source=R_PAGES)
+    fwd = await serve(start_forward, docroot, rserve.socket, rscript_timeout=4)
+    before = set(rserve.children())
+    async with aiohttp.ClientSession() as s:
+
+        async def get(path: str) -> tuple[int, str]:
+            async with s.get(fwd.http_url(path)) as r:
+                return r.status, await r.text()
+
+        looping = asyncio.create_task(get("/loop.R"))
+        await eventually(
+            lambda: any(running(p) for p in set(rserve.children()) - before),
+            what="an R process for /loop.R",
+        )
+        # Served while R loops.
+        assert (await get("/text.R"))[0] == 200
+        assert await get("/pid.R") != (await get("/pid.R"))  # a fresh R process for each
+        assert not looping.done()
+        status, text = await looping
+    assert status == 504 and "--rscript-timeout" in text
+    line = next(r.getMessage() for r in caplog.records if "no answer from R" in r.getMessage())
+    pid = int(line.split("(pid ", 1)[1].split(")", 1)[0])
+    assert "script " + str(docroot / "loop.R") in line and "ended with SIGTERM" in line, line
+    assert pid in rserve.children() or not running(pid)
+    await eventually(lambda: not running(pid), what=f"R process {pid} ended")
+    assert rserve.proc is not None and rserve.proc.poll() is None  # Rserve itself lives on
+    async with aiohttp.ClientSession() as s, s.get(fwd.http_url("/text.R")) as r:
+        assert r.status == 200
 
 
 @pytest.mark.rserve

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -274,6 +275,9 @@ def startup_cases(pki: PKI) -> list[tuple[list[str], str]]:
         (["-k", k, "-c", c, "-C", ca, "--tls-client", "match"], "--tls-client 'match': use"),
         (["--tls-client", "require"], "--tls-client needs TLS: add -k <key> -c <cert>"),
         (["--hsts", "60"], "--hsts needs TLS"),
+        (["--hsts-include-subdomains"], "--hsts-include-subdomains needs TLS"),
+        (["--tls-ciphers", "AES128-SHA"], "--tls-ciphers needs TLS"),
+        (["-k", k, "-c", c, "--tls-ciphers", "NOPE"], "--tls-ciphers 'NOPE': OpenSSL selects"),
         (["--redirect-port", "8080"], "--redirect-port needs TLS"),
     ]
     if os.geteuid() != 0:  # root reads any file
@@ -412,6 +416,71 @@ async def test_minimum_version(start_forward: StartForward, pki: PKI, tmp_path: 
         await https_get(fwd.http_url("/"), tls12)
     fwd12, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
     assert (await https_get(fwd12.http_url("/"), tls12))[0] == 404
+
+
+CBC_SUITE = "ECDHE-ECDSA-AES128-SHA256"  # what OpenSSL's default list offers on TLS 1.2
+
+
+async def test_cipher_profile_and_override(
+    start_forward: StartForward, pki: PKI, tmp_path: Path
+) -> None:
+    """Mozilla intermediate by default: a client that offers only a CBC suite gets no
+    handshake; `--tls-ciphers` puts OpenSSL's list back."""
+    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
+    port = fwd.server.port("http")
+    out = await s_client(port, "-tls1_2", "-cipher", CBC_SUITE)
+    assert "Cipher is (NONE)" in out, out
+    out = await s_client(port, "-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305")
+    assert "Cipher is ECDHE-ECDSA-CHACHA20-POLY1305" in out, out
+    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki, tls_ciphers="DEFAULT")
+    out = await s_client(fwd.server.port("http"), "-tls1_2", "-cipher", CBC_SUITE)
+    assert f"Cipher is {CBC_SUITE}" in out, out
+
+
+def need_testssl() -> str:
+    path = shutil.which("testssl") or shutil.which("testssl.sh")
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail("testssl.sh is required in CI (scripts/install-deps)")
+    pytest.skip("testssl.sh is not installed")
+
+
+@pytest.mark.slow
+async def test_testssl_scan(start_forward: StartForward, pki: PKI, tmp_path: Path) -> None:
+    """testssl.sh, limited to protocols, ciphers per protocol and vulnerabilities (about 20 s):
+    nothing below TLS 1.2, only AEAD suites with forward secrecy, nothing vulnerable."""
+    testssl = need_testssl()
+    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
+    report = tmp_path / "testssl.json"
+    proc = await asyncio.create_subprocess_exec(
+        testssl,
+        *("--quiet", "--color", "0", "--warnings", "batch", "--jsonfile", str(report)),
+        *("--protocols", "--cipher-per-proto", "--vulnerable"),
+        f"127.0.0.1:{fwd.server.port('http')}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert report.exists(), out.decode(errors="replace")
+    findings = {f["id"]: f for f in json.loads(report.read_text())}
+    text = out.decode(errors="replace")
+    for old in ("SSLv2", "SSLv3", "TLS1", "TLS1_1"):
+        assert findings[old]["finding"].startswith("not offered"), (old, text)
+    assert findings["TLS1_2"]["finding"] == "offered", text
+    suites = [f["finding"].split()[3] for k, f in findings.items() if k.startswith("cipher-tls1_2")]
+    assert suites, text
+    for suite in suites:
+        assert suite.startswith("ECDHE-") and ("GCM" in suite or "CHACHA20" in suite), suite
+    bad = [
+        f"{f['id']}: {f['finding']}"
+        for f in findings.values()
+        if "VULNERABLE" in f["finding"].upper().replace("NOT VULNERABLE", "")
+        or f["severity"] in ("MEDIUM", "HIGH", "CRITICAL")
+    ]
+    assert not bad, text
+    assert findings["LUCKY13"]["severity"] == "OK", text
 
 
 # -- certificate chains ------------------------------------------------------------------------
@@ -611,14 +680,21 @@ async def test_sighup_reloads_the_cli(tmp_path: Path, forward_cli: StartCli) -> 
 
 
 async def test_hsts_header(start_forward: StartForward, pki: PKI, tmp_path: Path) -> None:
-    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki, hsts=86400)
+    # With TLS, one day by default, as RStudio Server.
+    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
     for listener in ("http", "ws"):
         url = fwd.url(listener).replace("wss:", "https:")
         _, headers, _ = await https_get(url, pki.client_context())
         assert headers["Strict-Transport-Security"] == "max-age=86400"
-    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki)
+    fwd, _ = await start_tls(
+        start_forward, tmp_path / "no.sock", pki, hsts=600, hsts_include_subdomains=True
+    )
+    _, headers, _ = await https_get(fwd.http_url("/"), pki.client_context())
+    assert headers["Strict-Transport-Security"] == "max-age=600; includeSubDomains"
+    fwd, _ = await start_tls(start_forward, tmp_path / "no.sock", pki, hsts=0)
     _, headers, _ = await https_get(fwd.http_url("/"), pki.client_context())
     assert "Strict-Transport-Security" not in headers
+    assert headers["X-Content-Type-Options"] == "nosniff"  # the others stay
 
 
 async def test_redirect_port(start_forward: StartForward, pki: PKI, tmp_path: Path) -> None:
@@ -628,6 +704,8 @@ async def test_redirect_port(start_forward: StartForward, pki: PKI, tmp_path: Pa
     async with aiohttp.ClientSession() as s:
         async with s.get(plain, allow_redirects=False) as r:
             assert (r.status, r.headers["Location"]) == (301, target)
+            assert r.headers["X-Frame-Options"] == "DENY"
+            assert "Strict-Transport-Security" not in r.headers  # not over plain HTTP
         async with s.post(plain, data=b"x", allow_redirects=False) as r:
             assert (r.status, r.headers["Location"]) == (308, target)
         async with s.get(plain, ssl=pki.client_context()) as r:  # followed: lands on HTTPS
