@@ -36,6 +36,7 @@ from .guard import (
     valid_host,
 )
 from .listeners import bind_listeners, show_address
+from .proxysite import ProxySite
 from .relay import RelaySettings, Session
 from .resumable import ResumableSession
 from .stats import Stat, Stats
@@ -563,7 +564,7 @@ class Server:
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
-                    site = self._site(runner, sock, name)
+                    site = self._site(runner, sock, name, guard)
                     await site.start()
         except BaseException:
             await self.stop()
@@ -572,15 +573,21 @@ class Server:
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", show_address(addr), name)
 
-    def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
+    def _site(
+        self, runner: web.AppRunner, sock: socket.socket, name: str, guard: Guard
+    ) -> web.BaseSite:
         source = self.ssl_context
-        # The admin port (probes, Prometheus on 127.0.0.1), the redirect port and the unix
-        # socket (nginx or a sidecar on the same host) stay plain; -p and -w are TLS-only.
-        if source is None or name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
-            return web.SockSite(runner, sock)
         if isinstance(source, ssl.SSLContext):
             fixed = source
             source = lambda: fixed  # noqa: E731
+        # The admin port (probes, Prometheus on 127.0.0.1), the redirect port and the unix
+        # socket (nginx or a sidecar on the same host) stay plain; -p and -w are TLS-only.
+        if name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
+            source = None
+        if self.config.proxy_protocol and name in ("http", "ws"):
+            return ProxySite(runner, sock, name, guard.trusts, self.config.header_timeout, source)
+        if source is None:
+            return web.SockSite(runner, sock)
         return tls.TLSSite(runner, sock, source, name)
 
     async def stop_accepting(self) -> None:
