@@ -35,6 +35,7 @@ from forward.stats import Stat, Stats
 
 from .conftest import PKI, Rserve, RunMain, StartForward, eventually
 from .rclient import RClient
+from .resume_client import ResumeClient
 from .test_rscript import docroot, rpages, split_request
 
 __all__ = ["docroot", "rpages"]  # fixtures, used by name
@@ -341,6 +342,37 @@ async def test_on_the_unix_socket(
         assert headers["x-real-ip"] == "192.0.2.7"
     finally:
         await server.stop()
+
+
+@pytest.mark.rserve
+async def test_a_resumed_session_moves_to_its_new_source(
+    rserve_qap: Rserve,
+    start_forward: StartForward,
+    balancers: Balancers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that comes back from another address (through the same balancer) resumes its
+    session there: the session and its place under the per-client cap move to the new source."""
+    caplog.set_level(logging.INFO)
+    fwd = await start_forward(rserve_qap.socket, max_sessions_per_client=1, **PROXIED)
+    before = await balancers(fwd.server.port("http"), V1)
+    after = await balancers(fwd.server.port("http"), V2)
+    client = ResumeClient(f"ws://127.0.0.1:{before.port}/")
+    try:
+        await client.connect()
+        await client.eval("x <- 20")
+        await client.wait_messages(1)
+        client.url = f"ws://127.0.0.1:{after.port}/"
+        await client.resume()
+        await client.eval("x + 1")
+        await client.wait_messages(2)
+        assert client.values() == [[20.0], [21.0]]  # the same R session
+        await eventually(lambda: "resumed by 2001:db8::7 on http" in caplog.text)
+        # The old source's place is free again; the new one's is taken.
+        async with await RClient.connect(f"ws://127.0.0.1:{before.port}/") as again:
+            assert (await again.eval("1")).value == [1.0]
+    finally:
+        await client.close()
 
 
 # -- refused connections -------------------------------------------------------------------------
