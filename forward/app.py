@@ -564,7 +564,7 @@ class Server:
                 await runner.setup()
                 self.runners[name] = runner
                 for sock in socks.get(name, ()):
-                    site = self._site(runner, sock, name, guard)
+                    site = self._site(runner, sock, name)
                     await site.start()
         except BaseException:
             await self.stop()
@@ -573,9 +573,7 @@ class Server:
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", show_address(addr), name)
 
-    def _site(
-        self, runner: web.AppRunner, sock: socket.socket, name: str, guard: Guard
-    ) -> web.BaseSite:
+    def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
         source = self.ssl_context
         if isinstance(source, ssl.SSLContext):
             fixed = source
@@ -585,7 +583,9 @@ class Server:
         if name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
             source = None
         if self.config.proxy_protocol and name in ("http", "ws"):
-            return ProxySite(runner, sock, name, guard.trusts, self.config.header_timeout, source)
+            assert self._guard is not None, "start() first"
+            trusts, timeout = self._guard.trusts, self.config.header_timeout
+            return ProxySite(runner, sock, name, trusts, timeout, source)
         if source is None:
             return web.SockSite(runner, sock)
         return tls.TLSSite(runner, sock, source, name)
