@@ -36,7 +36,7 @@ from .guard import (
     valid_host,
 )
 from .listeners import bind_listeners, show_address
-from .proxysite import ProxySite
+from .proxysite import proxy_site
 from .relay import RelaySettings, Session
 from .resumable import ResumableSession
 from .stats import Stat, Stats
@@ -585,7 +585,7 @@ class Server:
         if self.config.proxy_protocol and name in ("http", "ws"):
             assert self._guard is not None, "start() first"
             trusts, timeout = self._guard.trusts, self.config.header_timeout
-            return ProxySite(runner, sock, name, trusts, timeout, source)
+            return proxy_site(runner, sock, name, trusts, timeout, source)
         if source is None:
             return web.SockSite(runner, sock)
         return tls.TLSSite(runner, sock, source, name)

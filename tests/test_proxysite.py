@@ -33,7 +33,7 @@ from forward.proxyproto import ProxyProtocolError
 from forward.proxysite import read_header
 from forward.stats import Stat, Stats
 
-from .conftest import PKI, Rserve, RunMain, StartForward, eventually
+from .conftest import PKI, Rserve, RunMain, StartCli, StartForward, eventually
 from .rclient import RClient
 from .resume_client import ResumeClient
 from .test_rscript import docroot, rpages, split_request
@@ -373,6 +373,30 @@ async def test_a_resumed_session_moves_to_its_new_source(
             assert (await again.eval("1")).value == [1.0]
     finally:
         await client.close()
+
+
+@pytest.mark.rserve
+async def test_the_command_line_on_uvloop(
+    rserve_qap: Rserve, forward_cli: StartCli, balancers: Balancers
+) -> None:
+    """forward as users run it (uvloop's transports): a session and a plain request through
+    the balancer, then a connection without a header, on plain -p."""
+    fwd = await forward_cli(
+        "-s", str(rserve_qap.socket), "--proxy-protocol", "--trusted-proxy", "127.0.0.1"
+    )
+    lb = await balancers(fwd.ports["-p"], V1)
+    async with await RClient.connect(f"ws://127.0.0.1:{lb.port}/") as c:
+        assert (await c.eval("2 * 21")).value == [42.0]
+        await fwd.expect("session 1 from 192.0.2.7 on http opened")
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{lb.port}/x") as r:
+            assert r.status == 404
+        await fwd.expect('192.0.2.7 "GET /x HTTP/1.1" 404')
+        sock = await _connect(fwd.ports["-p"])
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, b"GET /x HTTP/1.1\r\n\r\n")
+            assert await _closed(sock) == b""
+        await fwd.expect("on http: no PROXY header: the connection begins with b'GET /x ")
+        assert (await c.eval("1 + 1")).value == [2.0]
 
 
 # -- refused connections -------------------------------------------------------------------------
