@@ -23,6 +23,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forward import proxyproto
 from forward.app import Server
@@ -30,7 +32,7 @@ from forward.config import Config
 from forward.dispatch import make_http_handler
 from forward.listeners import bind_unix
 from forward.proxyproto import ProxyProtocolError
-from forward.proxysite import read_header
+from forward.proxysite import _Gate, _HeaderFirst, read_header
 from forward.stats import Stat, Stats
 
 from .conftest import PKI, Rserve, RunMain, StartCli, StartForward, eventually
@@ -104,6 +106,75 @@ async def test_read_header_has_a_deadline() -> None:
         theirs.sendall(V1[:10])
         with pytest.raises(ProxyProtocolError, match=r"no complete PROXY header within 0.2 s"):
             await read_header(ours, 0.2)
+
+
+class _Handler(asyncio.Protocol):
+    """Stands for aiohttp's connection handler: what it is given."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+        self.transport: object = None
+        self.data = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Transport:
+    """The few transport calls the header protocol makes, recorded."""
+
+    def __init__(self) -> None:
+        self.protocol: object = None
+        self.aborted = False
+        self.sock, self.other = socket.socketpair()
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@given(
+    st.sampled_from([V1, V2, proxyproto.v1(None), proxyproto.v2(None)]),
+    st.lists(st.integers(min_value=1, max_value=30), max_size=40),
+)
+def test_a_plain_connection_hands_over_after_the_header_at_any_split(
+    raw: bytes, cuts: list[int]
+) -> None:
+    """On a plain listener the header is read by a first protocol (the event loop's reads, cut
+    anywhere); aiohttp's handler then gets the transport and every byte after the header."""
+    stream = raw + UPGRADE
+    handlers: list[_Handler] = []
+
+    def factory() -> _Handler:
+        handlers.append(_Handler())
+        return handlers[-1]
+
+    transport = _Transport()
+    with transport.sock, transport.other:
+        first = _HeaderFirst(factory, _Gate("http", lambda _: True, 0))
+        first.connection_made(transport)  # type: ignore[arg-type]
+        pos = 0
+        for size in [*cuts, len(stream)]:
+            # The event loop reads into whichever protocol the transport has now.
+            current = transport.protocol or first
+            current.data_received(stream[pos : pos + size])  # type: ignore[attr-defined]
+            pos += size
+            if pos >= len(stream):
+                break
+    assert not transport.aborted
+    assert len(handlers) == 1 and transport.protocol is handlers[0]
+    assert handlers[0].transport is transport
+    assert handlers[0].data == UPGRADE
+    source = proxyproto.parse(raw).source  # type: ignore[union-attr]
+    assert handlers[0]._cache.get("peername") == source
 
 
 # -- a load balancer in front of forward ---------------------------------------------------------
