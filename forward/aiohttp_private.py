@@ -9,10 +9,13 @@ failing at its first WebSocket session, slow client or static file:
   handler's read-ahead (`_message_tail`) and its manager (`_manager`);
 - whether a connection has sent a complete request header yet (`requests_started`:
   `_request_count`), for the header deadline in guard.py;
+- the peer a connection reports to its requests (`set_peer`: the handler's `_cache`, where its
+  `peername` is kept), so that a PROXY header's source is every request's `remote`;
 - the protocol factory an `AppRunner` makes (`WrappingRunner`: `_make_server`);
 - `FileResponse`'s choice of file and its send path when `sendfile` is missing
   (`ChosenFileResponse`: `_get_file_path_stat_encoding`, `_sendfile_fallback`);
-- a listener that runs its own accept loop (`AcceptingSite`: `_runner`, `_sock`, `_server`);
+- a listener that runs its own accept loop (`AcceptingSite`: `_runner`, `_sock`, `_server`), or
+  asyncio's with a protocol factory of its own (`WrappingSite`: the same, and `_backlog`);
 - the compiled WebSocket mask (`websocket_mask`: `aiohttp._websocket.helpers.websocket_mask`);
 - the answer to a request aiohttp's parser refused (`PlainParseErrors`: the connection
   handler's class is swapped for a subclass with its own `handle_error`; `parse_failure` reads
@@ -52,6 +55,9 @@ RELIES_ON = (
     ("aiohttp.web_protocol.RequestHandler", "handle_error"),
     ("aiohttp.web_protocol.RequestHandler", "logger"),
     ("aiohttp.http_exceptions", "HttpProcessingError"),
+    ("aiohttp.web_runner.BaseSite", "_backlog"),
+    ("aiohttp.web_protocol.RequestHandler", "_cache"),
+    ("aiohttp.web_protocol.RequestHandler", "peername"),
 )
 
 SERVER = "forward"  # the Server header: no Python or aiohttp version for anyone to read
@@ -75,6 +81,18 @@ def requests_started(handler: Any) -> int:
     """How many requests the connection has sent; aiohttp counts one once its header is
     complete."""
     return int(handler._request_count)
+
+
+def set_peer(handler: Any, peername: tuple[str, int]) -> None:
+    """Make a connection handler, before its connection is made, report `peername` as its
+    peer: `request.remote` of every request on it, and `peer_of`. aiohttp reads the
+    transport's peername once and keeps it in the handler's cache; this fills the cache first."""
+    handler._cache["peername"] = peername
+
+
+def peer_of(handler: Any) -> Any:
+    """The peer a connection handler reports: the transport's peername, or `set_peer`'s."""
+    return handler.peername
 
 
 class WrappingRunner(web.AppRunner):
@@ -127,6 +145,22 @@ class AcceptingSite(web.SockSite):
         self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
     ) -> asyncio.AbstractServer:
         raise NotImplementedError
+
+
+class WrappingSite(web.SockSite):
+    """A SockSite whose protocol factory a subclass may wrap (`wrap`), for its connections
+    only; the accept loop stays asyncio's (uvloop's)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # the runner's bookkeeping, without SockSite's server
+        factory = self._runner.server
+        assert factory is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self.wrap(factory), sock=self._sock, backlog=self._backlog
+        )
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return factory
 
 
 def websocket_mask() -> Callable[[bytes, bytearray], None] | None:

@@ -36,6 +36,7 @@ from .guard import (
     valid_host,
 )
 from .listeners import bind_listeners, show_address
+from .proxysite import proxy_site
 from .relay import RelaySettings, Session
 from .resumable import ResumableSession
 from .stats import Stat, Stats
@@ -571,13 +572,19 @@ class Server:
 
     def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
         source = self.ssl_context
-        # The admin port (probes, Prometheus on 127.0.0.1), the redirect port and the unix
-        # socket (nginx or a sidecar on the same host) stay plain; -p and -w are TLS-only.
-        if source is None or name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
-            return web.SockSite(runner, sock)
         if isinstance(source, ssl.SSLContext):
             fixed = source
             source = lambda: fixed  # noqa: E731
+        # The admin port (probes, Prometheus on 127.0.0.1), the redirect port and the unix
+        # socket (nginx or a sidecar on the same host) stay plain; -p and -w are TLS-only.
+        if name in ("redirect", "admin") or sock.family == socket.AF_UNIX:
+            source = None
+        if self.config.proxy_protocol and name in ("http", "ws"):
+            assert self._guard is not None, "start() first"
+            trusts, timeout = self._guard.trusts, self.config.header_timeout
+            return proxy_site(runner, sock, name, trusts, timeout, source)
+        if source is None:
+            return web.SockSite(runner, sock)
         return tls.TLSSite(runner, sock, source, name)
 
     async def stop_accepting(self) -> None:

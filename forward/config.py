@@ -371,6 +371,14 @@ class Config:
         "(default: loopback, 127.0.0.0/8 and ::1, as a proxy on this host is; such headers "
         "from other clients are replaced)",
     )
+    proxy_protocol: bool = _opt(
+        False,
+        "--proxy-protocol",
+        help="connections on -p, -w and --listen-unix begin with a PROXY protocol header (v1 or "
+        "v2, from a TCP load balancer: nginx stream's proxy_protocol, HAProxy's send-proxy, an "
+        "AWS NLB), read before TLS; its source address is the client's. Only --trusted-proxy "
+        "peers may connect; any other, or a connection without a valid header, is closed",
+    )
     drain_timeout: float = _opt(
         0.0,
         "--drain-timeout",
@@ -495,6 +503,11 @@ class Config:
                 raise ConfigError(
                     f"--trusted-proxy {proxy}: not an IP address or network"
                 ) from None
+        if self.proxy_protocol and not self.trusted_proxies and not self.listen_unix:
+            raise ConfigError(
+                "--proxy-protocol with --trusted-proxy none would close every connection: name "
+                "the load balancer with --trusted-proxy ADDR[/BITS]"
+            )
         if not self.socket:
             raise ConfigError("-s needs the path of the Rserve unix socket")
         if self.instance_id and not valid_instance(self.instance_id):

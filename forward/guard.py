@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .aiohttp_private import requests_started
+from .aiohttp_private import peer_of, requests_started
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,7 @@ class HeaderDeadline:
                     self._timeout, self._expire, handler, rechecks - 1
                 )
             return
-        peer = handler.transport.get_extra_info("peername")
+        peer = peer_of(handler)  # a PROXY header's source (proxysite.py), if there was one
         log.warning(
             "closed connection from %s: no complete request header within %.0f s",
             peer[0] if peer else "?",

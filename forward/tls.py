@@ -20,7 +20,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,22 +391,25 @@ class TLSSite(AcceptingSite):
     def accept(
         self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
     ) -> asyncio.AbstractServer:
-        return _Acceptor(sock, factory, self._contexts, self._listener)
+        async def connect(conn: socket.socket) -> None:
+            await handshake(factory, conn, self._contexts(), self._listener, _peer(conn))
+
+        return Acceptor(sock, connect, self._listener)
 
 
-class _Acceptor(asyncio.AbstractServer):
-    """The accept loop of one TLS listener, in the place of an asyncio.Server."""
+class Acceptor(asyncio.AbstractServer):
+    """The accept loop of one listener, in the place of an asyncio.Server: each accepted
+    connection goes to `connect` in a task of its own (a TLS handshake; a PROXY header first,
+    proxysite.py), which owns the socket from then on. Closing it cancels those still running."""
 
     def __init__(
         self,
         sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
-        contexts: ContextSource,
+        connect: Callable[[socket.socket], Coroutine[Any, Any, None]],
         listener: str,
     ) -> None:
         self._sock = sock
-        self._factory = factory
-        self._contexts = contexts
+        self._connect = connect
         self._listener = listener
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -460,30 +463,30 @@ class _Acceptor(asyncio.AbstractServer):
                 )
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
-            task = self._loop.create_task(self._handshake(conn))
+            task = self._loop.create_task(self._connect(conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, conn: socket.socket) -> None:
-        peer = _peer(conn)
-        try:
-            await self._loop.connect_accepted_socket(
-                self._factory,
-                conn,
-                ssl=self._contexts(),
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
-        except (OSError, TimeoutError) as exc:
-            log.info(
-                "TLS handshake from %s on %s refused: %s",
-                peer,
-                self._listener,
-                _handshake_reason(exc),
-            )
-            conn.close()
-        except asyncio.CancelledError:
-            conn.close()
-            raise
+
+async def handshake(
+    factory: Callable[[], asyncio.Protocol],
+    conn: socket.socket,
+    context: ssl.SSLContext,
+    listener: str,
+    peer: str,
+) -> None:
+    """Run the TLS handshake on an accepted connection, then hand it to `factory`'s protocol;
+    a refused one is logged with `peer` and closed."""
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            factory, conn, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+        )
+    except (OSError, TimeoutError) as exc:
+        log.info("TLS handshake from %s on %s refused: %s", peer, listener, _handshake_reason(exc))
+        conn.close()
+    except asyncio.CancelledError:
+        conn.close()
+        raise
 
 
 def _peer(conn: socket.socket) -> str:

@@ -46,9 +46,16 @@ class RClient:
 
     @classmethod
     async def connect(
-        cls, url: str, *, ssl_context: ssl.SSLContext | None = None, **kw: object
+        cls,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        local_addr: str | None = None,
+        **kw: object,
     ) -> RClient:
-        session = aiohttp.ClientSession()
+        """`local_addr`: the address to connect from (127.0.0.2, ... on loopback)."""
+        connector = aiohttp.TCPConnector(local_addr=(local_addr, 0)) if local_addr else None
+        session = aiohttp.ClientSession(connector=connector)
         try:
             ws = await session.ws_connect(url, ssl=ssl_context or True, max_msg_size=0, **kw)  # type: ignore[arg-type]
         except BaseException:

@@ -48,6 +48,23 @@ async def test_a_fresh_connection_handler_has_the_state_detach_reads() -> None:
         await server.shutdown()
 
 
+async def test_a_connection_handler_reports_the_peer_it_is_given() -> None:
+    """set_peer (a PROXY header's source, proxysite.py): what the handler reports as its peer,
+    and so what aiohttp gives every request on it as `remote` (test_proxysite.py sees that on
+    real connections)."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(handler)
+    try:
+        connection = server()
+        aiohttp_private.set_peer(connection, ("192.0.2.7", 40001))
+        assert aiohttp_private.peer_of(connection) == ("192.0.2.7", 40001), "_cache, peername"
+    finally:
+        await server.shutdown()
+
+
 async def test_wrapping_runner_wraps_the_protocol_factory() -> None:
     seen: list[web.Server] = []
 

@@ -74,9 +74,16 @@ def site_config(upstreams: list[int], port: int, cert: Path, key: Path) -> str:
     return text.split("\nserver {\n    listen 80;")[0]
 
 
+# Debian's nginx-light has no stream module; libnginx-mod-stream adds it as a dynamic module.
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
 @contextlib.contextmanager
-def nginx(prefix: Path, site: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """nginx as a foreground child with its own prefix; no user switch, loopback only."""
+def nginx(
+    prefix: Path, site: str, port: int, *, stream: str = "", connections: int = 256
+) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx as a foreground child with its own prefix; no user switch, loopback only. `site`
+    goes into http {}; `stream`, a whole stream {} block, loads the stream module."""
     for d in ("logs", "tmp"):
         (prefix / d).mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -85,11 +92,11 @@ def nginx(prefix: Path, site: str, port: int) -> Iterator[subprocess.Popen[bytes
         for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     conf.write_text(
-        "daemon off;\nmaster_process off;\n"
+        (f"load_module {STREAM_MODULE};\n" if stream else "") + "daemon off;\nmaster_process off;\n"
         f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log notice;\n"
-        "events { worker_connections 256; }\n"
+        f"events {{ worker_connections {connections}; }}\n"
         "http {\n"
-        f"    access_log {prefix}/logs/access.log;\n{temp}{site}\n}}\n"
+        f"    access_log {prefix}/logs/access.log;\n{temp}{site}\n}}\n{stream}"
     )
     test = subprocess.run(
         [NGINX, "-p", str(prefix), "-c", str(conf), "-t"], capture_output=True, text=True
