@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -89,8 +90,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         backend = str(work / "echo.sock")
-        echo = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "servers.py"), "echo", "--socket", backend]
+        echo = subprocess.Popen(  # its own process group: its pre-forked workers end with it
+            [sys.executable, str(ROOT / "bench" / "servers.py"), "echo", "--socket", backend],
+            start_new_session=True,
         )
         port = free_port()
         args = [
@@ -133,10 +135,12 @@ async def main() -> None:
             handed = re.search(r"(\d+) resumable session", done)
             assert handed is not None and int(handed.group(1)) == n, done
         finally:
-            for proc in (old, new, echo):
+            for proc in (old, new):
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
                     proc.wait(30)
+            os.killpg(echo.pid, signal.SIGTERM)
+            echo.wait(30)
 
 
 if __name__ == "__main__":
