@@ -60,6 +60,14 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-exclude /usr/share/lintian/*
 """
+# apt as in the slim images: no package caches or downloaded packages left in a layer, no
+# translations fetched.
+SLIM_APT = """\
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb || true"; };
+Acquire::Languages "none";
+"""
 # The official python image's layout: the interpreter and pip on /usr/local/bin, pip installing
 # without PEP 668's refusal, UTF-8 locale.
 PYTHON_SLIM = """\
@@ -76,7 +84,9 @@ CMD ["python3"]
 
 def need_root_and_podman() -> None:
     missing = [
-        t for t in ("podman", "podman-compose", "debootstrap", "runc") if not shutil.which(t)
+        t
+        for t in ("podman", "podman-compose", "debootstrap", "runc", "catatonit")
+        if not shutil.which(t)
     ]
     why = f"{', '.join(missing)} not installed" if missing else None
     if os.geteuid() != 0:
@@ -189,6 +199,13 @@ class HostState:
         self.links = self._links()
         self.rules = {t: self._rules(t) for t in ("nat", "filter")}
         self.files = {p: self._files(p) for p in self.PATHS}
+        self.mounts = self._mounts()
+
+    @classmethod
+    def _mounts(cls) -> set[str]:
+        with open("/proc/self/mounts") as f:
+            points = {line.split()[1] for line in f}
+        return {m for m in points if any(m.startswith(f"{p}/") for p in cls.PATHS)}
 
     @staticmethod
     def _links() -> set[str]:
@@ -217,6 +234,8 @@ class HostState:
             for rule in added:
                 if rule.startswith("-N "):
                     subprocess.run(["iptables", "-t", table, "-X", rule[3:]])
+        for point in sorted(self._mounts() - self.mounts, key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
         for root, files in self.files.items():
             for path in sorted(self._files(root) - files, key=lambda p: -len(p.parts)):
                 if path.is_dir() and not path.is_symlink():
@@ -238,9 +257,23 @@ def podman() -> Iterator[Podman]:
             engine.run("pod", "rm", "--force", "--all", check=False)
             engine.run("rm", "--force", "--all", check=False)
             engine.run("system", "reset", "--force", check=False)
+        # conmon runs each container's clean-up after it exits: without the configuration
+        # files, a late one would fall back on /var/lib/containers.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and processes_using(home):
+            time.sleep(0.1)
         subprocess.run(["umount", "-R", str(home)], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
         host.restore()
+
+
+def processes_using(home: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(home).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
 
 
 # -- the base images and the images from deploy/ -------------------------------------------------
@@ -260,7 +293,8 @@ def base_names() -> dict[str, str]:
 def debootstrap_tar() -> Path:
     """Debian bookworm, minbase, slimmed as the official -slim images are; made once and kept
     in .cache/ (about 30 s and 120 MB of downloads on a fresh machine)."""
-    tar = CACHE / "debian-bookworm-minbase.tar"
+    recipe = hashlib.sha256((MIRROR + SLIM_EXCLUDES + SLIM_APT).encode()).hexdigest()[:12]
+    tar = CACHE / f"debian-bookworm-minbase-{recipe}.tar"
     if tar.exists():
         return tar
     started = time.monotonic()
@@ -274,6 +308,7 @@ def debootstrap_tar() -> Path:
             timeout=600,
         )
         (root / "etc/dpkg/dpkg.cfg.d/slim").write_text(SLIM_EXCLUDES)
+        (root / "etc/apt/apt.conf.d/slim").write_text(SLIM_APT)
         for junk in (
             "var/cache/apt/archives",
             "var/lib/apt/lists",
@@ -308,11 +343,14 @@ def images(podman: Podman) -> Images:
     debian, python = bases["rserve"], bases["docker"]
     assert debian == "debian:bookworm-slim", f"deploy/rserve/Dockerfile: FROM {debian}"
     assert re.fullmatch(r"python:3\.\d+-slim", python), f"deploy/docker/Dockerfile: FROM {python}"
-    podman.run(
-        "import", "--change", 'CMD ["bash"]', str(debootstrap_tar()), f"docker.io/library/{debian}"
-    )
+    base = debootstrap_tar()
+    podman.run("import", "--change", 'CMD ["bash"]', str(base), f"docker.io/library/{debian}")
     recipe = PYTHON_SLIM.format(base=f"docker.io/library/{debian}")
-    saved = CACHE / f"python-slim-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.tar"
+    key = hashlib.sha256((base.name + recipe).encode()).hexdigest()[:12]
+    saved = CACHE / f"python-slim-{key}.tar"
+    for stale in CACHE.glob("*.tar"):  # made from an earlier recipe
+        if stale not in (base, saved):
+            stale.unlink()
     stand_in = f"docker.io/library/{python}"
     if saved.exists():
         podman.run("load", "--input", str(saved))
@@ -353,11 +391,16 @@ def manifest_images() -> dict[str, str]:
 
 
 def test_images(podman: Podman, images: Images) -> None:
-    sizes = {
-        name: int(podman.inspect(image, ".Size"))
-        for name, image in (("forward", images.forward), ("rserve", images.rserve))
+    bases = base_names()
+    shown = {
+        "forward": images.forward,
+        "rserve": images.rserve,
+        **{f"stand-in {b}": f"docker.io/library/{b}" for b in bases.values()},
     }
-    print(f"image sizes (MB): { ({k: v // 1_000_000 for k, v in sizes.items()}) }")
+    sizes = {
+        name: int(podman.inspect(image, ".Size")) // 1_000_000 for name, image in shown.items()
+    }
+    print(f"image sizes (MB): {sizes}")  # shown with -s
     # The forward image: the package and nothing of its build (no compiler, no pip cache, no
     # sources); its working directory exists.
     check = (
