@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -47,8 +48,13 @@ DEPLOY = ROOT / "deploy"
 CACHE = ROOT / ".cache" / "containers"
 MIRROR = "http://deb.debian.org/debian"
 # The host's CA bundle, which its pip trusts (a TLS-inspecting proxy may sit between this
-# machine and PyPI): mounted for the forward image's RUN steps only, never part of the image.
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# machine and PyPI): mounted for the forward image's RUN steps only, never part of the image, at
+# the path of the system bundle, which Debian's pip (the stand-in's) reads.
+CA_BUNDLE = Path(
+    os.environ.get("PIP_CERT")
+    or ssl.get_default_verify_paths().cafile
+    or "/etc/ssl/certs/ca-certificates.crt"
+)
 # Container limits inside the host's hard limits (runc refuses more than the host allows).
 NOFILE = 20000
 SLIM_EXCLUDES = """\
@@ -488,6 +494,8 @@ async def check_pair(pair: Pair, healthcheck: bool) -> None:
     assert p.inspect(pair.forward, ".EffectiveCaps") in (None, [])
     caps = p.run("exec", pair.forward, "grep", "^Cap", "/proc/1/status").split("\n")
     assert {line.split()[1] for line in caps} == {"0000000000000000"}, caps
+    # (podman mounts a tmpfs on /tmp of a read-only container; creating a file elsewhere fails
+    # with EROFS, which the kernel answers before any permission check)
     write = "touch /etc/forward/x 2>&1 || echo refused"
     assert p.run("exec", pair.forward, "sh", "-c", write).endswith("Read-only file system\nrefused")
 
