@@ -327,9 +327,12 @@ class Config:
         10.0,
         "--shutdown-timeout",
         metavar="SECONDS",
-        help="at SIGTERM/SIGINT, how long open sessions get to close (default 10)",
+        help="at SIGTERM/SIGINT, how long open sessions get to answer their close, and "
+        "requests in progress to end (default 10, at most 10: a WebSocket close handshake is "
+        "never waited for longer; --drain-timeout lets sessions run on before that)",
         min=0,
-        rule="{flag} must not be negative",
+        max=10,
+        rule="{flag} must be between 0 and 10 seconds (longer for open sessions: --drain-timeout)",
     )
     follow_symlinks: bool = _opt(
         False,

@@ -20,6 +20,9 @@ from forward.config import Config, ConfigError, kind
         ({"admin_port": 70000}, "--admin-port 70000: 0 (off) or a port up to 65535"),
         ({"ws_ping": -1.0}, "--ws-ping must not be negative"),
         ({"max_sessions": -1}, "--max-sessions must be 0 (no limit)"),
+        # The close handshake is never waited for longer: a larger value would be a promise
+        # the shutdown does not keep.
+        ({"shutdown_timeout": 30.0}, "--shutdown-timeout must be between 0 and 10 seconds"),
     ],
 )
 def test_validate_checks_what_each_field_declares(settings: dict[str, Any], message: str) -> None:

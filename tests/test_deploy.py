@@ -5,6 +5,7 @@ and the compose and Kubernetes files' wiring."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -309,6 +310,21 @@ def test_compose_and_kubernetes_share_the_socket_volume() -> None:
     )
     forward = next(c for c in pod["containers"] if c["name"] == "forward")
     assert forward["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_grace_periods_exceed_what_forward_takes_at_sigterm() -> None:
+    # After SIGTERM (and --drain-timeout, 0 here): the sessions' close handshakes, then requests
+    # still in progress on each listener (-p and the admin port), each up to --shutdown-timeout.
+    most = next(f for f in dataclasses.fields(Config) if f.name == "shutdown_timeout")
+    takes = 3 * most.metadata["max"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    grace = compose["services"]["forward"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) > takes
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "forward-sidecar.yaml").read_text()))
+    pod = docs[0]["spec"]["template"]["spec"]
+    args = next(c for c in pod["containers"] if c["name"] == "forward")["args"]
+    drain = float(args[args.index("--drain-timeout") + 1]) if "--drain-timeout" in args else 0
+    assert pod["terminationGracePeriodSeconds"] > takes + drain
 
 
 @pytest.mark.rserve
