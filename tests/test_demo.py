@@ -93,7 +93,10 @@ async def test_r_prints_and_the_output_streams_before_the_answer(
         ]
         # An unfinished line stays unfinished; the value is printed once, by R.
         assert await run('cat("a"); invisible(2); str(list(a = 1)); y <- 5') == {"status": "ok"}
-        assert oob_sends(client) == [("console.out", "a"), ("console.out", "List of 1\n $ a: num 1\n")]
+        assert oob_sends(client) == [
+            ("console.out", "a"),
+            ("console.out", "List of 1\n $ a: num 1\n"),
+        ]
         # Warnings of a call come after its output, with the call, as the console shows them.
         assert await run("sqrt(-1)") == {"status": "ok"}
         assert oob_sends(client) == [
@@ -173,7 +176,8 @@ async def test_plots_arrive_as_png_pages_and_leave_no_file(
         sent = await run("par(mfrow = c(2, 2)); for (i in 1:4) plot(i)")
         assert [s for s, _ in sent] == ["console.plot"]
         # grid (what ggplot2 draws with), and a narrower page at ratio 1.
-        sent = await run("grid::grid.newpage(); grid::grid.rect(gp = grid::gpar(fill = 'red'))", 300, 1)
+        grid = "grid::grid.newpage(); grid::grid.rect(gp = grid::gpar(fill = 'red'))"
+        sent = await run(grid, 300, 1)
         assert [s for s, _ in sent] == ["console.plot"]
         assert png_size(sent[0][1]) == (300, 225)  # type: ignore[arg-type]
         # Nothing was left in the session's temporary directory.
