@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import pytest
 from forward.qap import Cmd, Xt
 from forward.rexp import RObj, strings
 
-from .conftest import ROOT, Rserve, StartForward, default_sigint, free_port, need_rserve
+from .conftest import IN_CI, ROOT, Rserve, StartForward, default_sigint, free_port, need_rserve
 from .rclient import RClient
 
 DEMO = ROOT / "demo"
@@ -210,7 +213,7 @@ async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_pat
         proc = await asyncio.create_subprocess_exec(
             str(ROOT / "scripts" / "demo"),
             *args,
-            env={**os.environ, "DEMO_DIR": str(workdir)},
+            env={**os.environ, "DEMO_DIR": str(workdir), "DEMO_PYTHON": sys.executable},
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
@@ -236,8 +239,9 @@ async def test_demo_script_brings_it_up_and_ctrl_c_stops_it(plain: bool, tmp_pat
             assert "R in the browser" in await resp.text()
         ws_url = url.replace("http", "ws", 1)
         async with await RClient.connect(ws_url, ssl_context=ssl_context) as client:
-            parse_eval = (await login(client)).as_dict()["parseEval"]
-            assert (await client.call(parse_eval, strings(["6 * 7"]))).value == [42.0]
+            run = await parse_eval(client)
+            assert await run("6 * 7") == {"status": "ok"}
+            assert oob_sends(client) == [("console.out", "[1] 42\n")]
 
         assert processes_with(str(workdir / "rserve.conf")), "Rserve should be running now"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -266,7 +270,7 @@ async def test_demo_script_port_in_use_says_so_and_leaves_nothing_running(tmp_pa
             "--plain",
             "--port",
             str(port),
-            env={**os.environ, "DEMO_DIR": str(workdir)},
+            env={**os.environ, "DEMO_DIR": str(workdir), "DEMO_PYTHON": sys.executable},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
@@ -279,3 +283,54 @@ async def test_demo_script_port_in_use_says_so_and_leaves_nothing_running(tmp_pa
     assert b"Open " not in out
     # The Rserve it had started is stopped again.
     assert processes_with(str(workdir / "rserve.conf")) == []
+
+
+def install_plan(*command: str) -> tuple[set[str], list[str]]:
+    """What an install step would put on a fresh Debian machine: the apt packages as apt
+    resolves them with nothing installed, and its pip command lines."""
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    apt = {line.split()[1] for line in lines if line.startswith("apt ")}
+    pip = [line for line in lines if line.startswith("pip ")]
+    return apt, pip
+
+
+def browsers_among(packages: set[str]) -> set[str]:
+    """The packages that are web browsers, by what Debian says they provide."""
+    shown = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", *sorted(packages)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    found = set()
+    for record in shown.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in record.splitlines() if ": " in line and line[0] != " "
+        )
+        provides = {p.strip().split(" ")[0] for p in fields.get("Provides", "").split(",")}
+        if provides & {"www-browser", "x-www-browser", "gnome-www-browser"}:
+            found.add(fields["Package"])
+    return found
+
+
+@pytest.mark.slow
+def test_demo_install_step_brings_no_browser_nginx_or_test_tools() -> None:
+    """scripts/demo's install step on a fresh machine (apt's own resolution against an empty
+    dpkg status, with every dependency): R, Rserve, openssl and .venv, no browser, no nginx, no
+    test tools; the same resolution of the test suite's install finds them (the control)."""
+    if shutil.which("apt-get") is None:
+        if IN_CI:
+            pytest.fail("the install plan needs apt (Debian)")
+        pytest.skip("not a Debian machine")
+    demo, demo_pip = install_plan(str(ROOT / "scripts" / "demo"), "--install-plan")
+    full, full_pip = install_plan(str(ROOT / "scripts" / "install-deps"), "--plan")
+    assert {"r-base-core", "r-cran-rserve", "openssl", "python3-venv"} <= demo
+    assert {"chromium", "nginx-light", "nodejs", "wrk"} <= full
+    assert browsers_among(full) >= {"chromium"}
+    assert browsers_among(demo) == set()
+    assert not {p for p in demo if p.startswith(("chromium", "nginx", "nodejs", "wrk"))}
+    # Python: forward and its dependencies, without the test and benchmark extras.
+    assert demo_pip == ["pip install -e ."]
+    assert full_pip == ["pip install -e .[test,bench]"]
