@@ -195,7 +195,16 @@ oc.init <- local({
       if (!is.null(p)) {
         plots$busy <- TRUE
         on.exit(plots$busy <- FALSE)
-        grDevices::replayPlot(p)
+        # A plot that does not fit the new size ("figure margins too large") leaves the device
+        # in a state nothing can be drawn in: a new blank one takes its place.
+        replayed <- tryCatch({ grDevices::replayPlot(p); TRUE }, error = function(e) FALSE)
+        if (!replayed) {
+          grDevices::dev.off(plots$device)
+          open.device()
+        } else if (!is.null(sent) && sent$page == plots$page && identical(sent$list, p[[1L]])) {
+          # The page the browser has, as it now looks: so that a par() alone sends nothing.
+          plots$sent$png <- render(p)
+        }
       }
       if (current != plots$device && current %in% grDevices::dev.list())
         grDevices::dev.set(current)

@@ -183,6 +183,10 @@ async def test_plots_arrive_as_png_pages_and_leave_no_file(
         sent = await run(grid, 300, 1)
         assert [s for s, _ in sent] == ["console.plot"]
         assert png_size(sent[0][1]) == (300, 225)  # type: ignore[arg-type]
+        # A page too big for a new, smaller size is dropped; the next plot is drawn at that size.
+        assert len(await run("par(mfrow = c(4, 4), mar = c(5, 5, 5, 5)); plot(1)", 1200, 1)) == 1
+        [(stream, png)] = await run("plot(2)", 240, 1)
+        assert stream == "console.plot" and png_size(png) == (240, 180)  # type: ignore[arg-type]
         # Nothing was left in the session's temporary directory.
         assert await run("length(list.files(tempdir(), all.files = TRUE, no.. = TRUE))") == [
             ("console.out", "[1] 0\n")
