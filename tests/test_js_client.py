@@ -1,7 +1,7 @@
-"""The demo's JavaScript client (demo/www/qap.js, rformat.js), tested with Node's own runner.
+"""The demo's JavaScript client (demo/www/qap.js, resume.js), tested with Node's own runner.
 
 `node --test` runs tests/js/*.test.mjs: the byte-level unit tests, and the live tests against a
-real Rserve (demo/init.R in OCAP mode, and a classic one) through a real forward, whose URLs are
+real Rserve (Rserve's OCAP example, and a classic one) through a real forward, whose URLs are
 passed in the environment. One pytest run thus covers the Python and the JavaScript side.
 """
 
@@ -55,7 +55,7 @@ def summary(output: str) -> dict[str, int]:
 
 def test_there_are_js_tests() -> None:
     names = {p.name for p in JS_TESTS}
-    assert {"qap.test.mjs", "rformat.test.mjs", "live.test.mjs"} <= names
+    assert {"qap.test.mjs", "resume.test.mjs", "live.test.mjs"} <= names
 
 
 async def test_unit() -> None:
@@ -68,10 +68,9 @@ async def test_unit() -> None:
 
 @pytest.mark.rserve
 async def test_live_against_rserve(
-    fresh_rserve: object, rserve_qap: Rserve, start_forward: StartForward
+    rserve_ocap: Rserve, rserve_qap: Rserve, start_forward: StartForward
 ) -> None:
-    demo = fresh_rserve(ocap=True, source=(ROOT / "demo" / "init.R").read_text())  # type: ignore[operator]
-    ocap = await start_forward(demo.socket)
+    ocap = await start_forward(rserve_ocap.socket)
     qap = await start_forward(rserve_qap.socket)
     result = await run_node(
         {"FORWARD_OCAP_URL": ocap.url(), "FORWARD_QAP_URL": qap.url()},

@@ -85,7 +85,7 @@ async def test_demo_page_survives_a_cut_during_an_evaluation(
             await during
         entry = page.locator(".entry[data-state=done]").nth(count)
         await entry.wait_for(timeout=60_000)
-        return str(await entry.locator(".result, .error").last.text_content())
+        return str(await entry.locator(".output").text_content())
 
     assert await evaluate("x <- 42; invisible(NULL)") is not None
     pid = await evaluate("Sys.getpid()")
@@ -95,8 +95,8 @@ async def test_demo_page_survives_a_cut_during_an_evaluation(
         await outage(proxy, 2.0)
 
     answer = await evaluate("Sys.sleep(3); sum(as.numeric(1:1e6))", cut_during_the_sleep())
-    assert answer == "[1] 500000500000"
-    assert await evaluate("x") == "[1] 42"
+    assert answer == "[1] 500000500000\n"
+    assert await evaluate("x") == "[1] 42\n"
     assert await evaluate("Sys.getpid()") == pid
     # The transcript: each input once, in order, each with its own answer.
     inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
@@ -203,7 +203,7 @@ async def test_demo_page_survives_a_hand_over_during_an_evaluation(
             await during
         entry = page.locator(".entry[data-state=done]").nth(count)
         await entry.wait_for(timeout=60_000)
-        return str(await entry.locator(".result, .error").last.text_content())
+        return str(await entry.locator(".output").text_content())
 
     await evaluate("x <- 42; invisible(NULL)")
     pid = await evaluate("Sys.getpid()")
@@ -214,10 +214,10 @@ async def test_demo_page_survives_a_hand_over_during_an_evaluation(
         new.append(await forward_cli(*args, "--takeover", ports=(), ready="took over"))
 
     answer = await evaluate("Sys.sleep(3); sum(as.numeric(1:1e6))", hand_over_during_the_sleep())
-    assert answer == "[1] 500000500000"
+    assert answer == "[1] 500000500000\n"
     assert await old.wait() == 0
     assert "1 resumable session(s) handed over" in old.log()
-    assert await evaluate("x") == "[1] 42"
+    assert await evaluate("x") == "[1] 42\n"
     assert await evaluate("Sys.getpid()") == pid
     inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
     assert inputs == [
