@@ -60,6 +60,12 @@ class Stat(enum.IntEnum):
     RESUME_STALLS = 14  # reading from R paused because the client's window was full
     RESUMES_REFUSED = 15
     MALFORMED_REQUESTS = 16  # refused by the HTTP parser (accesslog.MalformedRequests)
+    # The warm pool (warm.py).
+    WARM_IDLE = 17  # a gauge: greeted connections waiting in the pool
+    WARM_HANDED = 18
+    WARM_MISSES = 19  # a session found the pool empty and connected itself
+    WARM_DISCARDED = 20  # R closed a pooled connection (or spoke unasked) before it was used
+    WARM_FAILURES = 21  # opening a pooled connection failed (Rserve missing, refusing, slow)
 
 
 _HTTP_BASE = len(Stat)
@@ -94,6 +100,7 @@ class Slot:
     def reset_gauges(self) -> None:
         self._mem[self._base + Stat.SESSIONS_OPEN] = 0
         self._mem[self._base + Stat.SESSIONS_PARKED] = 0
+        self._mem[self._base + Stat.WARM_IDLE] = 0
 
 
 class Stats:
