@@ -24,13 +24,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from . import qap
 from .session import SessionCore, State
 from .stats import Slot, Stat
 from .wsconn import HOLD_BACKEND_FULL, HOLD_CONNECTING, ReadBuffer, ServerWebSocket
 from .wsframe import CloseReason, frame_header
+
+if TYPE_CHECKING:
+    from .warm import Warm
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class RelaySettings:
     resume_buffer: int = 1024 * 1024
     # Where the session's counters go (/metrics); a private row when nobody reads them.
     stats: Slot = field(default_factory=Slot.private)
+    # The --warm pool's `take` (warm.py): asked first for a greeted connection.
+    warm: Callable[[], Warm | None] | None = None
 
 
 class _Backend(asyncio.BufferedProtocol):
@@ -61,16 +66,21 @@ class _Backend(asyncio.BufferedProtocol):
     Reads go into a buffer shared by every session (`ReadBuffer`); `Session._write_frame` takes
     care that no transport is left holding a view of it."""
 
-    __slots__ = ("_buffer", "_session", "transport")
+    __slots__ = ("_buffer", "_greeting", "_session", "transport")
 
-    def __init__(self, session: Session, buffer: ReadBuffer) -> None:
+    def __init__(self, session: Session, buffer: ReadBuffer, greeting: bytes = b"") -> None:
         self._session = session
         self._buffer = buffer
+        self._greeting = greeting  # what a pooled connection's R already said
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        if self._greeting:
+            # Replayed before the transport reads anything, so R's stream keeps its order.
+            greeting, self._greeting = self._greeting, b""
+            self._session.from_backend(greeting)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer.view
@@ -170,12 +180,17 @@ class Session:
         assert ws is not None
         loop = asyncio.get_running_loop()
         path = self._settings.socket
+        warm = self._settings.warm() if self._settings.warm is not None else None
+        greeting = warm.greeting if warm is not None else b""
         try:
             # A unix connect completes at once or (listen queue full) is retried until this
             # deadline; a connected socket needs no timeout. R's greeting has its own timer.
-            sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
+            if warm is not None:
+                sock = warm.sock
+            else:
+                sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
             _, backend = await loop.create_unix_connection(
-                lambda: _Backend(self, self._buffer), sock=sock
+                lambda: _Backend(self, self._buffer, greeting), sock=sock
             )
         except asyncio.CancelledError:
             self.close(
