@@ -39,6 +39,7 @@ from .listeners import bind_listeners, show_address
 from .relay import RelaySettings, Session
 from .resumable import ResumableSession
 from .stats import Stat, Stats
+from .warm import WarmPool
 from .wsframe import CloseReason
 
 log = logging.getLogger(__name__)
@@ -429,9 +430,14 @@ class Server:
     # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
     stats: Stats = field(default_factory=Stats)
     row: int = 0
+    warm: WarmPool | None = None
 
     def relay_settings(self) -> RelaySettings:
         c = self.config
+        if c.warm > 0 and self.warm is None:
+            self.warm = WarmPool(
+                c.socket, c.warm, c.backend_timeout, self.stats.slot(self.row), c.max_result_size
+            )
         return RelaySettings(
             c.socket,
             c.heartbeat,
@@ -445,6 +451,7 @@ class Server:
             c.resume_grace if c.workers <= 1 else 0.0,
             c.resume_buffer,
             self.stats.slot(self.row),
+            self.warm.take if self.warm is not None else None,
         )
 
     def guard(self) -> Guard:
@@ -458,7 +465,7 @@ class Server:
                 raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
             rules = parse_ip_rules(text, c.ip_rules)
         trusted = parse_networks(c.trusted_proxies)
-        capacity = session_capacity(c.max_sessions)
+        capacity = session_capacity(c.max_sessions, c.warm)
         return Guard(
             GuardSettings(c.allow_origin, rules, trusted, capacity, c.max_sessions_per_client)
         )
@@ -534,6 +541,8 @@ class Server:
         for name, runner in self.runners.items():
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", show_address(addr), name)
+        if self.warm is not None:
+            self.warm.start()
 
     def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
         source = self.ssl_context
@@ -567,6 +576,8 @@ class Server:
         for runner in self.runners.values():
             for site in list(runner.sites):
                 await site.stop()
+        if self.warm is not None:
+            await self.warm.close()  # no session will come for them
         if grace <= 0 or not self.sessions:
             return
         log.info("draining: waiting up to %g s for %d open session(s)", grace, len(self.sessions))
@@ -586,6 +597,8 @@ class Server:
         for runner in runners.values():
             for site in list(runner.sites):
                 await site.stop()
+        if self.warm is not None:
+            await self.warm.close()
         await self._close_sessions()
         for old in reversed(runners.values()):
             await old.cleanup()
@@ -596,15 +609,19 @@ class Server:
 FD_RESERVE = 24
 
 
-def session_capacity(max_sessions: int) -> int:
+def session_capacity(max_sessions: int, warm: int = 0) -> int:
     """`--max-sessions`, lowered to what the open-file limit allows (two descriptors a session).
 
     Refusing a session with a reason beats running out of descriptors, where the event loop can
-    only drop new connections without a word."""
+    only drop new connections without a word. The `--warm` pool holds a descriptor for each of
+    its connections: they take the room of half as many sessions."""
+    held = (warm + 1) // 2
+    if max_sessions > 0:
+        max_sessions = max(1, max_sessions - held)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return max_sessions
-    fit = max(1, (soft - FD_RESERVE) // 2)
+    fit = max(1, (soft - FD_RESERVE - warm) // 2)
     if max_sessions == 0 or max_sessions > fit:
         # Worth a warning when the limit is low (the usual soft limit of 1024 gives ~500); a
         # generous limit just below the default --max-sessions is only information.
