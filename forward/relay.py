@@ -388,13 +388,17 @@ class Session:
             return
         if not out:
             return
-        if core.messages_to_r != counted:
-            self._stats.add(Stat.MESSAGES_TO_R, core.messages_to_r - counted)
+        messages = core.messages_to_r - counted
         backend = self._backend
         if backend is None or backend.transport is None:
+            if messages:
+                self._stats.to_r(0, messages)
             return
         try:
-            backend.transport.writelines(out)
+            if len(out) == 1:
+                backend.transport.write(out[0])
+            else:
+                backend.transport.writelines(out)
         except (OSError, RuntimeError) as exc:
             log.warning("session %d from %s: write to Rserve failed: %s", self.id, self.label, exc)
             end = core.r_write_failed()
@@ -403,15 +407,15 @@ class Session:
             else:
                 self._abort_backend()
             return
-        sent = sum(map(len, out))
+        sent = len(out[0]) if len(out) == 1 else sum(map(len, out))
         self.bytes_to_r += sent
-        self._stats.add(Stat.BYTES_TO_R, sent)
+        self._stats.to_r(sent, messages)
 
     # -- Rserve -> browser -------------------------------------------------------------------
 
     def from_backend(self, data: bytes | memoryview) -> None:
-        self.bytes_from_r += len(data)
-        self._stats.add(Stat.BYTES_FROM_R, len(data))
+        nbytes = len(data)
+        self.bytes_from_r += nbytes
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
         core = self.core
@@ -419,7 +423,7 @@ class Session:
         try:
             mode = core.from_r(data)
         except qap.QAPError as exc:
-            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+            self._stats.from_r(nbytes, core.messages_from_r - counted)
             reason = exc.reason
             if isinstance(exc, qap.MessageTooLarge):
                 reason = f"R's answer is too large: {reason}"
@@ -427,8 +431,7 @@ class Session:
             self._abort_backend()
             self._end(exc.close_code, reason)
             return
-        if core.messages_from_r != counted:
-            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+        self._stats.from_r(nbytes, core.messages_from_r - counted)
         if mode is not None:
             if self._greeting_timer is not None:
                 self._greeting_timer.cancel()

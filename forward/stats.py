@@ -69,6 +69,9 @@ class Stat(enum.IntEnum):
 
 
 _HTTP_BASE = len(Stat)
+# Plain ints for the per-message counters: an enum member's look-up costs more than the add.
+_BYTES_TO_R, _BYTES_FROM_R = int(Stat.BYTES_TO_R), int(Stat.BYTES_FROM_R)
+_MESSAGES_TO_R, _MESSAGES_FROM_R = int(Stat.MESSAGES_TO_R), int(Stat.MESSAGES_FROM_R)
 ROW = _HTTP_BASE + len(HTTP_STATUSES) + 1  # +1: "other"
 _WORD = 8
 
@@ -89,6 +92,19 @@ class Slot:
 
     def add(self, stat: Stat, n: int = 1) -> None:
         self._mem[self._base + stat] += n
+
+    def to_r(self, nbytes: int, messages: int) -> None:
+        """Bytes and messages relayed to R, in one call: this runs for every message."""
+        mem, base = self._mem, self._base
+        mem[base + _BYTES_TO_R] += nbytes
+        if messages:
+            mem[base + _MESSAGES_TO_R] += messages
+
+    def from_r(self, nbytes: int, messages: int) -> None:
+        mem, base = self._mem, self._base
+        mem[base + _BYTES_FROM_R] += nbytes
+        if messages:
+            mem[base + _MESSAGES_FROM_R] += messages
 
     def http(self, status: int) -> None:
         i = _STATUS_INDEX.get(status, len(HTTP_STATUSES))
