@@ -434,10 +434,6 @@ class Server:
 
     def relay_settings(self) -> RelaySettings:
         c = self.config
-        if c.warm > 0 and self.warm is None:
-            self.warm = WarmPool(
-                c.socket, c.warm, c.backend_timeout, self.stats.slot(self.row), c.max_result_size
-            )
         return RelaySettings(
             c.socket,
             c.heartbeat,
@@ -475,6 +471,10 @@ class Server:
         ConfigError. `listeners` ("http", "ws" -> bound sockets) replaces binding by the config;
         tests pass sockets bound to port 0, a supervisor passes inherited ones."""
         c = self.config
+        if c.warm > 0 and self.warm is None:
+            self.warm = WarmPool(
+                c.socket, c.warm, c.backend_timeout, self.stats.slot(self.row), c.max_result_size
+            )
         relay = self.relay_settings()
         guard = self.guard()
         apps: dict[str, web.Application] = {}
