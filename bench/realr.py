@@ -7,7 +7,10 @@ One Rserve serves both a unix socket (QAP) and its own WebSocket listener (`webs
 - nginx-rserve-ws: nginx in front of it (as Rserve's documentation suggests for TLS);
 - c-forward: the C forward that ships with Rserve, to the unix socket;
 - forward, and forward-warm (`--warm 4`), to the unix socket;
-- nginx-forward: nginx in front of forward.
+- nginx-forward: nginx in front of forward;
+- passthrough: `bench/servers.py passthrough` in front of Rserve's listener, a uvloop relay that
+  parses nothing: the least CPU per call a relay written in Python on uvloop can spend (the
+  floor under forward's figure, as the ceiling is in the echo section).
 
 Figures per path: `eval("1")` round trip p50/p99; the CPU time of the relaying processes per
 call (utime + stime from /proc/PID/stat of the relay's process tree, over every call of the round
@@ -32,6 +35,7 @@ import os
 import socket
 import statistics
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +49,8 @@ HOST = "127.0.0.1"
 RSERVE = Path("/usr/lib/R/site-library/Rserve/libs/Rserve")
 C_FORWARD = RSERVE.parent / "forward"
 NGINX = "/usr/sbin/nginx"
-PATHS = ("rserve-ws", "nginx-rserve-ws", "c-forward", "forward", "forward-warm", "nginx-forward")
+PATHS = ("rserve-ws", "nginx-rserve-ws", "c-forward", "forward", "forward-warm", "nginx-forward",
+         "passthrough")
 WARM_PATHS = ("rserve-ws", "forward", "forward-warm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QAP_HEADER = struct.Struct("<IIII")
@@ -428,6 +433,12 @@ def bring_up(setup: Setup, paths: list[str], load: RLoad) -> None:
         cmd = [str(C_FORWARD), "-p", "{port}", "-s", str(sock), "-r", str(www)]
         setup.ports["c-forward"], pid = relay(setup, "r-c-forward", cmd, {"cwd": str(setup.work)})
         setup.relay_pids["c-forward"] = [pid]
+    if "passthrough" in paths:
+        servers = Path(__file__).resolve().parent / "servers.py"
+        cmd = [sys.executable, str(servers), "passthrough", "--port", "{port}", "--upstream",
+               str(ws_port)]
+        setup.ports["passthrough"], pid = relay(setup, "r-passthrough", cmd, {})
+        setup.relay_pids["passthrough"] = [pid]
     upstreams = {}
     if "nginx-rserve-ws" in paths:
         upstreams["nginx-rserve-ws"] = ws_port
@@ -507,6 +518,12 @@ def verdicts(res: dict[str, dict[str, float]], warm: dict[str, Any],
         out.append(("forward's CPU per relayed call ≤ 1.3x nginx's",
                     f"{fmt(f['cpu_us_per_call'])} against {fmt(n['cpu_us_per_call'])} µs "
                     f"({q:.2f}x)", "met" if q <= 1.3 else "MISSED"))
+    floor = res.get("passthrough", {})
+    if f.get("cpu_us_per_call") and n.get("cpu_us_per_call") and floor.get("cpu_us_per_call"):
+        out.append(("(no target) the Python floor: a relay on uvloop that parses nothing",
+                    f"passthrough {fmt(floor['cpu_us_per_call'])} µs, "
+                    f"{floor['cpu_us_per_call'] / n['cpu_us_per_call']:.2f}x nginx's; forward "
+                    f"{f['cpu_us_per_call'] / floor['cpu_us_per_call']:.2f}x the floor", ""))
     w = warm.get("forward-warm", {})
     if "greeting_p50_ms" in w:
         out.append((f"--warm {warm_load.warm}, oc.init {SLOW_INIT_MS} ms: connect to first "
@@ -542,7 +559,9 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [fmt(res.get(p, {}).get(key)) if p != "rserve-ws" or key != "cpu_us_per_call"
                  else "(none)" for p in paths]
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
-    lines += ["", "nginx-forward's CPU is nginx's and forward's together.", ""]
+    lines += ["", "nginx-forward's CPU is nginx's and forward's together; passthrough is a uvloop "
+              "relay that parses nothing, in front of Rserve's listener (the floor for Python).",
+              ""]
     lines += [f"## oc.init of {SLOW_INIT_MS} ms: TCP connect to R's first message "
               f"({load.warm_sessions} sessions, one every {load.warm_interval:g} s)", "",
               "| path | p50 (ms) | p90 (ms) |", "|---|---|---|"]
@@ -573,7 +592,7 @@ def chart(report: dict[str, Any], path: Path) -> str | None:
     res, paths = report["real_r"]["results"], report["real_r_paths"]
     keys = list(FIGURES)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 4.2))
-    colours = ["#999999", "#bbbbbb", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    colours = ["#999999", "#bbbbbb", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#dddddd"]
     for ax, key in zip(axes, keys, strict=True):
         label, unit, higher = FIGURES[key]
         values = [res.get(p, {}).get(key) or 0 for p in paths]

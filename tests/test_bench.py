@@ -92,7 +92,7 @@ def test_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     for path in ("rserve-ws", "nginx-rserve-ws", "c-forward", "forward", "nginx-forward"):
         for key in ("rtt_p50_us", "bulk_mb_s", "connect_ms", "sessions_per_s"):
             assert isinstance(results[path].get(key), float), (path, key)
-    for path in ("nginx-rserve-ws", "c-forward", "forward", "forward-warm"):
+    for path in ("nginx-rserve-ws", "c-forward", "forward", "forward-warm", "passthrough"):
         assert isinstance(results[path].get("cpu_us_per_call"), float), path
     for path in ("rserve-ws", "forward", "forward-warm"):
         assert isinstance(real["warm"][path].get("greeting_p50_ms"), float), path
