@@ -70,12 +70,12 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
 
 @dataclass
 class RLoad:
-    calls: int = 20000
+    calls: int = 30000
     bulk_count: int = 4
     connects: int = 40
     parallel: int = 8
     session_seconds: float = 2.0
-    rounds: int = 3
+    rounds: int = 5
     warm: int = 4
     warm_sessions: int = 30
     warm_interval: float = 0.25
