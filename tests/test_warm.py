@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +18,15 @@ from forward import qap
 from forward.app import Server, session_capacity
 from forward.config import Config, ConfigError
 from forward.qap import Cmd, Header
-from forward.stats import Stat
+from forward.stats import Stat, Stats
 from forward.warm import Backoff, GreetingReader, WarmPool, wanted
 
 from .conftest import ForwardProcess, Rserve, StartCli, StartForward, eventually
+from .fakes import ID_STRING, FakeRserve
 from .rclient import RClient
 from .resume_client import ResumeClient
 
-QAP_ID = b"Rsrv0103QAP1\r\n\r\n--------------\r\n"
+QAP_ID = ID_STRING
 OCAP_GREETING = Header(Cmd.OC_INIT, 8, 0).encode() + b"\x0a\x04\x00\x00\x00\x00\x00\x00"
 
 SLOW_INIT = """
@@ -80,6 +82,61 @@ def test_the_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="--warm"):
         replace(Config(), warm=-1).validate()
     assert Config().warm == 0  # off by default
+
+
+# -- misbehaving backends (a real Rserve does neither on demand) -----------------------------
+
+
+async def test_a_pooled_connection_whose_r_speaks_unasked_is_dropped(tmp_path: Path) -> None:
+    spoke = asyncio.Event()
+
+    async def greet_then_speak(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
+    ) -> None:
+        writer.write(ID_STRING)
+        await writer.drain()
+        if fake.connections == 1:  # only the first: the pool must then drop it and refill
+            await spoke.wait()
+            writer.write(Header(Cmd.OOB_SEND, 0, 0).encode())
+            await writer.drain()
+        await reader.read()
+
+    fake = await FakeRserve(tmp_path / "r.sock", greet_then_speak).start()
+    stats = Stats()
+    pool = WarmPool(str(fake.path), 1, 5.0, stats.slot(0))
+    pool.start()
+    try:
+        await eventually(lambda: pool.held == 1, what="one pooled connection")
+        spoke.set()
+        await eventually(lambda: stats.total(Stat.WARM_DISCARDED) == 1, what="dropped")
+        await eventually(lambda: pool.held == 1 and fake.connections == 2, what="replaced")
+        warm = pool.take()
+        assert warm is not None and warm.greeting == ID_STRING
+        warm.sock.close()
+    finally:
+        await pool.close()
+        await fake.stop()
+
+
+async def test_a_backend_that_never_greets_is_retried_with_backoff(tmp_path: Path) -> None:
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
+    ) -> None:
+        await reader.read()
+
+    fake = await FakeRserve(tmp_path / "r.sock", silent).start()
+    stats = Stats()
+    pool = WarmPool(str(fake.path), 2, 0.05, stats.slot(0))
+    pool.start()
+    try:
+        await eventually(lambda: stats.total(Stat.WARM_FAILURES) >= 4, what="failures")
+        assert pool.held == 0 and pool.opening <= 2
+        assert pool.take() is None  # a miss: the session connects by itself
+        assert stats.total(Stat.WARM_MISSES) == 1
+    finally:
+        await pool.close()
+        await fake.stop()
+    assert pool.opening == 0
 
 
 # -- with a real Rserve ----------------------------------------------------------------------
