@@ -72,7 +72,7 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
 class RLoad:
     calls: int = 30000
     bulk_count: int = 4
-    connects: int = 40
+    connects: int = 60
     parallel: int = 8
     session_seconds: float = 2.0
     rounds: int = 5
