@@ -9,7 +9,8 @@ The rules, kept here: a connection is handed out once and never returns to the p
 session gets an R nobody else held; one that R closed, or that sent anything after its greeting,
 is dropped, never handed out (checked when R's end becomes readable, and again with a
 non-blocking peek at the moment it is taken); connections held plus connections being opened
-never exceed N; when Rserve refuses or is missing, opening waits with a doubling backoff.
+never exceed N; when Rserve refuses or is missing, or pooled R processes die, opening waits with
+a doubling backoff, which only a connection handed to a session resets.
 
 `GreetingReader`, `Backoff` and `wanted` are pure; `WarmPool` is the asyncio shell around them.
 """
@@ -80,6 +81,11 @@ class Backoff:
     def succeeded(self) -> None:
         self._next = self.first
 
+    @property
+    def next(self) -> float:
+        """The wait after the next failure."""
+        return self._next
+
 
 def wanted(size: int, held: int, opening: int) -> int:
     """How many more connections to open now so that held + opening reaches `size`."""
@@ -130,6 +136,10 @@ class WarmPool:
     def opening(self) -> int:
         return len(self._opening)
 
+    def next_delay(self) -> float:
+        """How long the pool would wait after its next failure or loss."""
+        return self._backoff.next
+
     def start(self) -> None:
         self._closed = False
         log.info("warm pool: keeping %d R session(s) greeted at %s", self.size, self.path)
@@ -144,6 +154,7 @@ class WarmPool:
             loop.remove_reader(warm.sock.fileno())
             if alive(warm.sock):
                 self._stats.add(Stat.WARM_HANDED)
+                self._backoff.succeeded()  # a connection that served: R works
                 self._fill()
                 return warm
             self._discard(warm, "closed while pooled")
@@ -208,7 +219,6 @@ class WarmPool:
         if self._failing:
             self._failing = False
             log.info("warm pool: Rserve at %s answers again", self.path)
-        self._backoff.succeeded()
         self._held.append(warm)
         self._stats.add(Stat.WARM_IDLE)
         # R's end becoming readable means it closed (or spoke unasked): drop it at once.
@@ -244,9 +254,13 @@ class WarmPool:
             self._stats.add(Stat.WARM_IDLE, -1)
         asyncio.get_running_loop().remove_reader(warm.sock.fileno())
         self._discard(warm, "R closed it")
-        self._fill()
 
     def _discard(self, warm: Warm, why: str) -> None:
         log.info("warm pool: dropped a pooled R session (%s)", why)
         self._stats.add(Stat.WARM_DISCARDED)
         warm.sock.close()
+        # Replaced after the backoff, which only a connection handed to a session resets: an R
+        # that greets and then quits at once must not make the pool fork in a tight loop.
+        if self._retry is None and not self._closed:
+            delay = self._backoff.failed()
+            self._retry = asyncio.get_running_loop().call_later(delay, self._retry_later)

@@ -139,6 +139,27 @@ async def test_a_backend_that_never_greets_is_retried_with_backoff(tmp_path: Pat
     assert pool.opening == 0
 
 
+async def test_an_r_that_quits_after_greeting_is_replaced_with_backoff(tmp_path: Path) -> None:
+    async def greet_and_quit(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fake: FakeRserve
+    ) -> None:
+        writer.write(ID_STRING)
+        await writer.drain()
+
+    fake = await FakeRserve(tmp_path / "r.sock", greet_and_quit).start()
+    stats = Stats()
+    pool = WarmPool(str(fake.path), 1, 5.0, stats.slot(0))
+    pool.start()
+    try:
+        await eventually(lambda: stats.total(Stat.WARM_DISCARDED) >= 3, what="three dropped")
+        # No tight loop of forks: each loss waited longer than the one before, since no
+        # connection ever served a session.
+        assert pool.next_delay() >= 0.1 * 2**3
+    finally:
+        await pool.close()
+        await fake.stop()
+
+
 # -- with a real Rserve ----------------------------------------------------------------------
 
 
