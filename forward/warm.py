@@ -202,14 +202,14 @@ class WarmPool:
             self._done_opening()
             if self._closed:
                 return
-            delay = self._backoff.failed()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             why = why or type(exc).__name__
             if not self._failing:
                 self._failing = True
                 log.warning("warm pool: cannot open an R session at %s: %s", self.path, why)
             self._stats.add(Stat.WARM_FAILURES)
-            if self._retry is None:
+            if self._retry is None:  # one wait for the connections that failed together
+                delay = self._backoff.failed()
                 self._retry = asyncio.get_running_loop().call_later(delay, self._retry_later)
             return
         self._done_opening()
