@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,8 +168,21 @@ def pool_of(server: Server) -> WarmPool:
     return server.warm
 
 
-async def full(pool: WarmPool) -> None:
-    await eventually(lambda: pool.held == pool.size, what=f"{pool.size} pooled R sessions")
+async def full(pool: WarmPool, within: float = 10) -> None:
+    await eventually(
+        lambda: pool.held == pool.size, within=within, what=f"{pool.size} pooled R sessions"
+    )
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 10, what: str = "") -> None:
+    """`eventually` for a condition that must be awaited (an HTTP answer)."""
+    deadline = asyncio.get_running_loop().time() + within
+    delay = 0.005
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {within} s: {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def gone(pid: int) -> bool:
@@ -268,7 +281,7 @@ async def test_rserve_restarted_under_a_full_pool(
         c = await RClient.connect(fwd.url("http"))
     assert c is None
     r.start()
-    await full(pool)
+    await full(pool, within=30)  # the backoff grew while Rserve was away (up to 5 s)
     waiting = set(r.children())
     async with await RClient.connect(fwd.url("http")) as c:
         assert await pid_of(c) in waiting
@@ -358,7 +371,11 @@ async def test_sigterm_ends_the_pooled_r_processes_and_metrics_show_the_pool(
                     return sample.value
         raise AssertionError(f"no {name} in /metrics")
 
-    assert await metric("forward_warm_sessions") == 2
+    async def pooled() -> bool:
+        return await metric("forward_warm_sessions") == 2
+
+    # The processes fork before they greet: the gauge follows once forward has read the greeting.
+    await until(pooled, what="forward_warm_sessions 2")
     async with await RClient.connect(fwd.url("ws", "-p")) as c:
         await c.eval("1")
     assert await metric("forward_warm_events_total{event=handed}") == 1
