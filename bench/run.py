@@ -1,8 +1,10 @@
 """forward's benchmark: the same client load through forward, the C forward, websockify and a
-no-relay ceiling, in one run, with ratios against the C forward (see docs/bench.md).
+no-relay ceiling, in one run, with ratios against the C forward; then a real R behind Rserve's own
+WebSocket listener, nginx, the C forward and forward (bench/realr.py; see docs/bench.md).
 
     python3 bench/run.py                 # the full load, results in docs/bench/
     python3 bench/run.py --quick --out /tmp/b   # a tiny load, to check the script works
+    python3 bench/run.py --sections real-r      # only the real-R section (realr.md)
 
 Everything binds or targets 127.0.0.1 (the C forward binds all interfaces, as it always does, but
 the client only ever connects to 127.0.0.1). Every process started here is stopped before exit.
@@ -30,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import realr
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 C_FORWARD = Path("/usr/lib/R/site-library/Rserve/libs/forward")
 HOST = "127.0.0.1"
 RELAYS = ("forward", "forward-resume", "c-forward", "websockify", "ceiling")
+SECTIONS = ("relays", "real-r")
 # forward with clients that ask for session resume (docs/resume.md): compared with "forward".
 RESUME_STEPS = ("rtt", "bulk_window", "reconnect")
 SCHEMES = ("plain", "tls")
@@ -679,15 +684,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkout whose forward package is measured (default: this one)")
     parser.add_argument("--relays", default=",".join(RELAYS))
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="relays (the echo backend, results.md), real-r (realr.md)")
+    parser.add_argument("--real-r-paths", default=",".join(realr.PATHS))
     for name, value in vars(Load()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=None)
+    for name, value in vars(realr.RLoad()).items():
+        parser.add_argument("--r-" + name.replace("_", "-"), dest="r_" + name, type=type(value),
+                            default=None)
     args = parser.parse_args(argv)
     load = QUICK if args.quick else Load()
     for name in vars(Load()):
         if getattr(args, name) is not None:
             setattr(load, name, getattr(args, name))
+    rload = realr.RQUICK if args.quick else realr.RLoad()
+    for name in vars(realr.RLoad()):
+        if getattr(args, "r_" + name) is not None:
+            setattr(rload, name, getattr(args, "r_" + name))
     relays = [r for r in args.relays.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
+    sections = [s for s in args.sections.split(",") if s]
 
     # Thousands of sessions: every process started from here inherits the raised limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -725,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg(),
         "schemes": {},
     }
+    if "relays" not in sections:
+        schemes = []
     echo = start("echo", [sys.executable, str(BENCH / "servers.py"), "echo", "--socket",
                           str(env.socket), "--workers", str(load.echo_workers)], work)
     try:
@@ -748,16 +766,23 @@ def main(argv: list[str] | None = None) -> int:
             rat = ratios(results)
             report["schemes"][scheme] = {"results": results, "ratios": rat,
                                          "verdicts": verdicts(results, rat)}
+        echo.stop()
+        if "real-r" in sections:
+            real_r(report, env, rload, [p for p in args.real_r_paths.split(",") if p])
     finally:
         echo.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     report["loadavg_after"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "real_r" in report:
+        write_real_r(report, args.out)
+    if "relays" not in sections:
+        return 0
     for scheme, data in report["schemes"].items():
         data.setdefault("ratios", {})
         data.setdefault("verdicts", {k: "n/a" for k in FIGURES})
         print_table(scheme, data)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     problem = chart(report, args.out / "ratios.png")
@@ -767,6 +792,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before {before}, after {after}")
     print(f"\nwritten: {args.out}/results.json, results.md" + ("" if problem else ", ratios.png"))
     return 0
+
+
+def real_r(report: dict[str, Any], env: Env, load: realr.RLoad, paths: list[str]) -> None:
+    """The real-R section (bench/realr.py): its own Rserve, nginx and relays, stopped after."""
+    work = env.work / "real-r"
+    work.mkdir()
+
+    def forward_cmd(sock: Path, *extra: str) -> tuple[list[str], dict[str, Any]]:
+        cmd = [sys.executable, "-m", "forward", "-p", "{port}", "-b", HOST, "-s", str(sock),
+               "--heartbeat", "0", "--ws-ping", "0", "--log-level", "warning",
+               *session_limits(env), *extra]
+        envvars = dict(os.environ, PYTHONPATH=str(env.forward_root), PYTHONDONTWRITEBYTECODE="1")
+        return cmd, {"cwd": str(env.forward_root), "env": envvars}
+
+    def wait(check: Any, proc: Proc, what: str) -> None:
+        wait_until(check, proc, what, timeout=60)
+
+    print(f"real R: {', '.join(paths)}", flush=True)
+    setup = realr.Setup(work, start, free_port, wait, forward_cmd)
+    try:
+        report["real_r"] = realr.measure(setup, paths, load)
+        setup.stop()
+        report["warm"] = realr.measure_warm(setup, load)
+    except (NotAvailable, RuntimeError) as exc:
+        report.setdefault("real_r", {"results": {}, "samples": {}, "notes": {}})
+        report["real_r"]["notes"]["all"] = str(exc)
+        report.setdefault("warm", {})
+    finally:
+        setup.stop()
+    report["real_r_paths"] = paths
+    report["real_r_load"] = vars(load)
+
+
+def write_real_r(report: dict[str, Any], out: Path) -> None:
+    keys = ("when", "machine", "forward_commit", "loadavg_before", "loadavg_after", "real_r",
+            "warm", "real_r_paths", "real_r_load")
+    part = {k: report[k] for k in keys if k in report}
+    (out / "realr.json").write_text(json.dumps(part, indent=2) + "\n")
+    text = realr.markdown(part)
+    (out / "realr.md").write_text(text)
+    print("\n" + text)
+    problem = realr.chart(part, out / "realr.png")
+    if problem:
+        print(problem)
+    print(f"written: {out}/realr.json, realr.md" + ("" if problem else ", realr.png"))
 
 
 if __name__ == "__main__":

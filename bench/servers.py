@@ -8,8 +8,13 @@ socket so that it is never the bottleneck.
 `ceiling`: the no-relay ceiling, a WebSocket server (aiohttp + uvloop) that gives the same
 answers itself, with no backend hop: what a relay could at best reach with this client.
 
+`passthrough`: a TCP relay on uvloop that parses nothing, only passes bytes both ways (shared
+receive buffer, one write per read): the least CPU any relay written in Python on uvloop can
+spend per relayed call. The real-R section puts it in front of Rserve's own WebSocket listener.
+
     python bench/servers.py echo --socket PATH [--workers N]
     python bench/servers.py ceiling --port PORT [--cert FILE --key FILE]
+    python bench/servers.py passthrough --port PORT --upstream PORT
 """
 
 from __future__ import annotations
@@ -142,6 +147,68 @@ def run_ceiling(port: int, cert: str | None, key: str | None) -> None:
     )
 
 
+class Pass(asyncio.BufferedProtocol):
+    """One end of a pass-through connection: what it reads is written to the other end."""
+
+    buffer = memoryview(bytearray(256 * 1024))  # one per process: read, written, done
+
+    def __init__(self) -> None:
+        self.peer: Pass | None = None
+        self.transport: Any = None
+        self.early: list[bytes] = []  # what the client sent before upstream was connected
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = bytes(self.buffer[:nbytes])  # the transport may keep what it cannot send now
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+def run_passthrough(port: int, upstream: int) -> None:
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+
+        def accepted() -> Pass:
+            down = Pass()
+
+            async def connect() -> None:
+                try:
+                    _, up = await loop.create_connection(Pass, "127.0.0.1", upstream)
+                except OSError:
+                    if down.transport is not None:
+                        down.transport.close()
+                    return
+                up.peer, down.peer = down, up
+                for data in down.early:
+                    up.transport.write(data)
+                down.early.clear()
+                if down.transport is None:
+                    up.transport.close()
+
+            tasks.add(task := loop.create_task(connect()))
+            task.add_done_callback(tasks.discard)
+            return down
+
+        tasks: set[asyncio.Task[None]] = set()
+        server = await loop.create_server(accepted, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(serve())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="role", required=True)
@@ -152,9 +219,14 @@ def main() -> None:
     ceiling.add_argument("--port", type=int, required=True)
     ceiling.add_argument("--cert")
     ceiling.add_argument("--key")
+    passthrough = sub.add_parser("passthrough")
+    passthrough.add_argument("--port", type=int, required=True)
+    passthrough.add_argument("--upstream", type=int, required=True)
     args = parser.parse_args()
     if args.role == "echo":
         run_echo(args.socket, args.workers)
+    elif args.role == "passthrough":
+        run_passthrough(args.port, args.upstream)
     else:
         run_ceiling(args.port, args.cert, args.key)
 

@@ -40,6 +40,7 @@ from .proxysite import proxy_site
 from .relay import RelaySettings, Session
 from .resumable import ResumableSession
 from .stats import Stat, Stats
+from .warm import WarmPool
 from .wsframe import CloseReason
 
 log = logging.getLogger(__name__)
@@ -448,6 +449,7 @@ class Server:
     # Counters for /metrics; with --workers the parent's shared Stats and this worker's row.
     stats: Stats = field(default_factory=Stats)
     row: int = 0
+    warm: WarmPool | None = None
     # What start() made and a hand-over needs again: the guard, the shared read buffers, and
     # every listening socket by listener name.
     status: Status = field(default_factory=Status)
@@ -472,6 +474,7 @@ class Server:
             c.resume_buffer,
             c.instance_id,
             self.stats.slot(self.row),
+            self.warm.take if self.warm is not None else None,
         )
 
     def guard(self) -> Guard:
@@ -485,7 +488,7 @@ class Server:
                 raise ConfigError(f"--ip-rules {c.ip_rules}: {exc.strerror}") from None
             rules = parse_ip_rules(text, c.ip_rules)
         trusted = parse_networks(c.trusted_proxies)
-        capacity = session_capacity(c.max_sessions)
+        capacity = session_capacity(c.max_sessions, c.warm)
         return Guard(
             GuardSettings(c.allow_origin, rules, trusted, capacity, c.max_sessions_per_client)
         )
@@ -495,6 +498,10 @@ class Server:
         ConfigError. `listeners` ("http", "ws" -> bound sockets) replaces binding by the config;
         tests pass sockets bound to port 0, a supervisor passes inherited ones."""
         c = self.config
+        if c.warm > 0 and self.warm is None:
+            self.warm = WarmPool(
+                c.socket, c.warm, c.backend_timeout, self.stats.slot(self.row), c.max_result_size
+            )
         relay = self.relay_settings()
         guard = self._guard = self.guard()
         apps: dict[str, web.Application] = {}
@@ -569,6 +576,8 @@ class Server:
         for name, runner in self.runners.items():
             for addr in runner.addresses:
                 log.info("listening on %s (%s)", show_address(addr), name)
+        if self.warm is not None:
+            self.warm.start()
 
     def _site(self, runner: web.AppRunner, sock: socket.socket, name: str) -> web.BaseSite:
         source = self.ssl_context
@@ -662,6 +671,8 @@ class Server:
         still open, with the shutdown notice. While it drains, forward answers new sessions
         with 503 and /healthz with 503, and goes on serving resumes (a parked session comes
         back here) and files; without a grace it stops accepting at once."""
+        if self.warm is not None:
+            await self.warm.close()  # no new session will come for them
         if grace <= 0 or not self.sessions:
             await self.stop_accepting()
             return
@@ -685,6 +696,8 @@ class Server:
         for runner in runners.values():
             for site in list(runner.sites):
                 await site.stop()
+        if self.warm is not None:
+            await self.warm.close()
         await self._close_sessions()
         for old in reversed(runners.values()):
             await old.cleanup()
@@ -695,15 +708,19 @@ class Server:
 FD_RESERVE = 24
 
 
-def session_capacity(max_sessions: int) -> int:
+def session_capacity(max_sessions: int, warm: int = 0) -> int:
     """`--max-sessions`, lowered to what the open-file limit allows (two descriptors a session).
 
     Refusing a session with a reason beats running out of descriptors, where the event loop can
-    only drop new connections without a word."""
+    only drop new connections without a word. The `--warm` pool holds a descriptor for each of
+    its connections: they take the room of half as many sessions."""
+    held = (warm + 1) // 2
+    if max_sessions > 0:
+        max_sessions = max(1, max_sessions - held)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return max_sessions
-    fit = max(1, (soft - FD_RESERVE) // 2)
+    fit = max(1, (soft - FD_RESERVE - warm) // 2)
     if max_sessions == 0 or max_sessions > fit:
         # Worth a warning when the limit is low (the usual soft limit of 1024 gives ~500); a
         # generous limit just below the default --max-sessions is only information.

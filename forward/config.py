@@ -273,6 +273,17 @@ class Config:
         min=0,
         rule="{flag} must not be negative",
     )
+    warm: int = _opt(
+        0,
+        "--warm",
+        metavar="N",
+        help="keep N connections to Rserve open and greeted (oc.init done) ahead of demand, "
+        "one handed to each new session; each holds an idle R process (default 0: off; per "
+        "worker with --workers)",
+        min=0,
+        max=1000,
+        rule="{flag} must be between 0 (off) and 1000",
+    )
     resume_grace: float = _opt(
         120.0,
         "--resume-grace",

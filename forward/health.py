@@ -103,6 +103,25 @@ class StatsCollector(Collector):
             "bytes of R's stream sent again to a client after it resumed",
             value=s.total(Stat.REPLAYED_BYTES),
         )
+        yield GaugeMetricFamily(
+            "forward_warm_sessions",
+            "greeted Rserve connections waiting in the --warm pool",
+            value=s.total(Stat.WARM_IDLE),
+        )
+        warm = CounterMetricFamily(
+            "forward_warm_events",
+            "the --warm pool: connections handed to sessions, sessions that found it empty "
+            "(miss), pooled connections R closed (discarded), failed attempts to open one",
+            labels=["event"],
+        )
+        for label, stat in (
+            ("handed", Stat.WARM_HANDED),
+            ("miss", Stat.WARM_MISSES),
+            ("discarded", Stat.WARM_DISCARDED),
+            ("failed", Stat.WARM_FAILURES),
+        ):
+            warm.add_metric([label], s.total(stat))
+        yield warm
         http = CounterMetricFamily(
             "forward_http_requests",
             "HTTP requests answered, by status (101: WebSocket)",

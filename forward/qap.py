@@ -258,6 +258,21 @@ class _Framer:
             )
         return header
 
+    def whole(self, data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+        """(cmd, msg_id) when `data` is exactly one whole message starting where a message
+        starts, within the limit, and then taken as `feed` would take it; otherwise None and
+        nothing taken (use `feed`). A small message arriving in one read is the common case,
+        and this costs no generator, header or chunk object."""
+        if self._header is not None or self._head or len(data) < HEADER_SIZE:
+            return None
+        cmd, length, msg_id, high = HEADER.unpack_from(data)
+        if high or HEADER_SIZE + length != len(data):
+            return None
+        if self._max_size is not None and length > self._max_size:
+            return None  # `feed` raises, with every detail
+        self.messages += 1
+        return cmd, msg_id
+
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Chunk]:
         """Chunks of `data` in order. A header over the limit raises `MessageTooLarge` right
         where it stands, after every chunk before it was taken, and nothing of it is passed on."""
@@ -339,6 +354,10 @@ class ServerStream:
         self.mode = Mode(mode) if mode is not None else None
         self._pending = bytearray.fromhex(str(state["pending"]))
         self._framer.restore(framer)
+
+    def whole(self, data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+        """As `_Framer.whole`, once the greeting is past."""
+        return self._framer.whole(data) if self.mode is not None else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Greeting | Chunk]:
         if self.mode is not None:

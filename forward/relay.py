@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from . import qap, rpid
 from .session import SessionCore, State
@@ -38,6 +38,9 @@ from .wsconn import (
     ServerWebSocket,
 )
 from .wsframe import CloseReason, frame_header
+
+if TYPE_CHECKING:
+    from .warm import Warm
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class RelaySettings:
     instance: str = ""
     # Where the session's counters go (/metrics); a private row when nobody reads them.
     stats: Slot = field(default_factory=Slot.private)
+    # The --warm pool's `take` (warm.py): asked first for a greeted connection.
+    warm: Callable[[], Warm | None] | None = None
 
 
 class _Backend(asyncio.BufferedProtocol):
@@ -70,16 +75,21 @@ class _Backend(asyncio.BufferedProtocol):
     Reads go into a buffer shared by every session (`ReadBuffer`); `Session._write_frame` takes
     care that no transport is left holding a view of it."""
 
-    __slots__ = ("_buffer", "_session", "transport")
+    __slots__ = ("_buffer", "_greeting", "_session", "transport")
 
-    def __init__(self, session: Session, buffer: ReadBuffer) -> None:
+    def __init__(self, session: Session, buffer: ReadBuffer, greeting: bytes = b"") -> None:
         self._session = session
         self._buffer = buffer
+        self._greeting = greeting  # what a pooled connection's R already said
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        if self._greeting:
+            # Replayed before the transport reads anything, so R's stream keeps its order.
+            greeting, self._greeting = self._greeting, b""
+            self._session.from_backend(greeting)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer.view
@@ -179,12 +189,17 @@ class Session:
         assert ws is not None
         loop = asyncio.get_running_loop()
         path = self._settings.socket
+        warm = self._settings.warm() if self._settings.warm is not None else None
+        greeting = warm.greeting if warm is not None else b""
         try:
             # A unix connect completes at once or (listen queue full) is retried until this
             # deadline; a connected socket needs no timeout. R's greeting has its own timer.
-            sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
+            if warm is not None:
+                sock = warm.sock
+            else:
+                sock = await connect_unix(path, loop.time() + self._settings.backend_timeout)
             _, backend = await loop.create_unix_connection(
-                lambda: _Backend(self, self._buffer), sock=sock
+                lambda: _Backend(self, self._buffer, greeting), sock=sock
             )
         except asyncio.CancelledError:
             self.close(
@@ -463,13 +478,17 @@ class Session:
             return
         if not out:
             return
-        if core.messages_to_r != counted:
-            self._stats.add(Stat.MESSAGES_TO_R, core.messages_to_r - counted)
+        messages = core.messages_to_r - counted
         backend = self._backend
         if backend is None or backend.transport is None:
+            if messages:
+                self._stats.to_r(0, messages)
             return
         try:
-            backend.transport.writelines(out)
+            if len(out) == 1:
+                backend.transport.write(out[0])
+            else:
+                backend.transport.writelines(out)
         except (OSError, RuntimeError) as exc:
             log.warning("session %d from %s: write to Rserve failed: %s", self.id, self.label, exc)
             end = core.r_write_failed()
@@ -478,17 +497,17 @@ class Session:
             else:
                 self._abort_backend()
             return
-        sent = sum(map(len, out))
+        sent = len(out[0]) if len(out) == 1 else sum(map(len, out))
         self.bytes_to_r += sent
-        self._stats.add(Stat.BYTES_TO_R, sent)
+        self._stats.to_r(sent, messages)
 
     # -- Rserve -> browser -------------------------------------------------------------------
 
     def from_backend(
         self, data: bytes | memoryview, transport: asyncio.Transport | None = None
     ) -> None:
-        self.bytes_from_r += len(data)
-        self._stats.add(Stat.BYTES_FROM_R, len(data))
+        nbytes = len(data)
+        self.bytes_from_r += nbytes
         if self._settings.idle_timeout:
             self._last_activity = asyncio.get_running_loop().time()
         core = self.core
@@ -496,7 +515,7 @@ class Session:
         try:
             mode = core.from_r(data)
         except qap.QAPError as exc:
-            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+            self._stats.from_r(nbytes, core.messages_from_r - counted)
             reason = exc.reason
             if isinstance(exc, qap.MessageTooLarge):
                 reason = f"R's answer is too large: {reason}"
@@ -504,8 +523,7 @@ class Session:
             self._abort_backend()
             self._end(exc.close_code, reason)
             return
-        if core.messages_from_r != counted:
-            self._stats.add(Stat.MESSAGES_FROM_R, core.messages_from_r - counted)
+        self._stats.from_r(nbytes, core.messages_from_r - counted)
         if mode is not None:
             if self._greeting_timer is not None:
                 self._greeting_timer.cancel()

@@ -60,9 +60,18 @@ class Stat(enum.IntEnum):
     RESUME_STALLS = 14  # reading from R paused because the client's window was full
     RESUMES_REFUSED = 15
     MALFORMED_REQUESTS = 16  # refused by the HTTP parser (accesslog.MalformedRequests)
+    # The warm pool (warm.py).
+    WARM_IDLE = 17  # a gauge: greeted connections waiting in the pool
+    WARM_HANDED = 18
+    WARM_MISSES = 19  # a session found the pool empty and connected itself
+    WARM_DISCARDED = 20  # R closed a pooled connection (or spoke unasked) before it was used
+    WARM_FAILURES = 21  # opening a pooled connection failed (Rserve missing, refusing, slow)
 
 
 _HTTP_BASE = len(Stat)
+# Plain ints for the per-message counters: an enum member's look-up costs more than the add.
+_BYTES_TO_R, _BYTES_FROM_R = int(Stat.BYTES_TO_R), int(Stat.BYTES_FROM_R)
+_MESSAGES_TO_R, _MESSAGES_FROM_R = int(Stat.MESSAGES_TO_R), int(Stat.MESSAGES_FROM_R)
 ROW = _HTTP_BASE + len(HTTP_STATUSES) + 1  # +1: "other"
 _WORD = 8
 
@@ -84,6 +93,19 @@ class Slot:
     def add(self, stat: Stat, n: int = 1) -> None:
         self._mem[self._base + stat] += n
 
+    def to_r(self, nbytes: int, messages: int) -> None:
+        """Bytes and messages relayed to R, in one call: this runs for every message."""
+        mem, base = self._mem, self._base
+        mem[base + _BYTES_TO_R] += nbytes
+        if messages:
+            mem[base + _MESSAGES_TO_R] += messages
+
+    def from_r(self, nbytes: int, messages: int) -> None:
+        mem, base = self._mem, self._base
+        mem[base + _BYTES_FROM_R] += nbytes
+        if messages:
+            mem[base + _MESSAGES_FROM_R] += messages
+
     def http(self, status: int) -> None:
         i = _STATUS_INDEX.get(status, len(HTTP_STATUSES))
         self._mem[self._base + _HTTP_BASE + i] += 1
@@ -94,6 +116,7 @@ class Slot:
     def reset_gauges(self) -> None:
         self._mem[self._base + Stat.SESSIONS_OPEN] = 0
         self._mem[self._base + Stat.SESSIONS_PARKED] = 0
+        self._mem[self._base + Stat.WARM_IDLE] = 0
 
 
 class Stats:

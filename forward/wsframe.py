@@ -183,6 +183,10 @@ class FrameParser:
     def feed(self, data: bytes | memoryview) -> list[Event]:
         """Events from `data`; nothing keeps a reference to `data` afterwards (a caller may
         reuse its buffer)."""
+        if not self._buf and not self._remaining and not self._in_message:
+            whole = self._whole_binary(data)
+            if whole is not None:
+                return [whole]
         events: list[Event] = []
         buf: bytes | memoryview = self._buf + data if self._buf else data
         self._buf = b""
@@ -231,6 +235,31 @@ class FrameParser:
                         events.append(Text(bytearray(), True))
                 self._in_message = False
         return events
+
+    def _whole_binary(self, data: bytes | memoryview) -> bytearray | None:
+        """The unmasked payload when `data` is exactly one whole, final, non-empty binary frame
+        (the common case: a request that arrived in one read); None for anything else, which
+        `feed` then parses in full. Starts and ends a message, so it leaves no state behind."""
+        n = len(data)
+        if n < 7 or data[0] != 0x82:  # FIN, no reserved bits, binary
+            return None
+        b1 = data[1]
+        if b1 < 0x80:  # unmasked: `feed` refuses it
+            return None
+        length = b1 & 0x7F
+        size = 6
+        if length == 126:
+            if n < 8:
+                return None
+            length = (data[2] << 8) | data[3]
+            size = 8
+        elif length == 127 or length == 0:
+            return None
+        if size + length != n:
+            return None
+        payload = bytearray(data[size:])
+        self._mask_xor(bytes(data[size - 4 : size]), payload)
+        return payload
 
     def _header(
         self, buf: bytes | memoryview, pos: int, end: int

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import C_FORWARD, IN_CI
+from .test_deploy import NGINX
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # a whole benchmark round, if a tiny one: half a minute
@@ -41,6 +42,7 @@ def need(ok: bool, what: str) -> None:
 
 def test_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     need(C_FORWARD.exists(), "the C forward (r-cran-rserve)")
+    need(shutil.which("R") is not None and Path(NGINX).exists(), "R and nginx")
     need(shutil.which("websockify") is not None, "websockify")
     need(shutil.which("wrk") is not None, "wrk")
     need(importlib.util.find_spec("trustme") is not None, "trustme")
@@ -82,3 +84,16 @@ def test_bench_runs_end_to_end_on_a_tiny_load(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "round 1: forward" in proc.stdout
+
+    # The real-R section: every path measured with a real Rserve, nginx included.
+    real = json.loads((out / "realr.json").read_text())
+    assert real["real_r"]["notes"] == {}, real["real_r"]["notes"]
+    results = real["real_r"]["results"]
+    for path in ("rserve-ws", "nginx-rserve-ws", "c-forward", "forward", "nginx-forward"):
+        for key in ("rtt_p50_us", "bulk_mb_s", "connect_ms", "sessions_per_s"):
+            assert isinstance(results[path].get(key), float), (path, key)
+    for path in ("nginx-rserve-ws", "c-forward", "forward", "forward-warm", "passthrough"):
+        assert isinstance(results[path].get("cpu_us_per_call"), float), path
+    for path in ("rserve-ws", "forward", "forward-warm"):
+        assert isinstance(real["warm"][path].get("greeting_p50_ms"), float), path
+    assert "| eval round trip p50 (µs) |" in (out / "realr.md").read_text()

@@ -306,7 +306,9 @@ def browsers_among(packages: set[str]) -> set[str]:
     """The packages that are web browsers, by what Debian says they provide."""
     shown = subprocess.run(
         ["apt-cache", "show", "--no-all-versions", *sorted(packages)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     found = set()
     for record in shown.split("\n\n"):

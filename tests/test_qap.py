@@ -225,3 +225,34 @@ def test_oob_and_error_code() -> None:
     assert qap.error_code(Cmd.RESP_ERR) == 0
     assert qap.error_code(Cmd.RESP_OK) is None
     assert qap.error_code(Cmd.OOB_MSG | Cmd.RESP_ERR) is None
+
+
+def test_whole_takes_exactly_one_whole_message_at_a_boundary() -> None:
+    framer = ClientStream()
+    one = msg(Cmd.EVAL, b"abcd", 7)
+    assert framer.whole(one) == (Cmd.EVAL, 7)
+    assert framer.messages == 1 and not framer.in_message
+    # Anything else is left to `feed`, and nothing is taken.
+    assert framer.whole(one + one) is None
+    assert framer.whole(one[:-1]) is None
+    assert framer.whole(one[:15]) is None
+    assert framer.messages == 1
+    # Inside a message, the next bytes are payload, whatever they look like.
+    assert list(framer.feed(one[:18]))
+    assert framer.whole(one) is None
+    rest = list(framer.feed(one[18:] + one))
+    assert reassemble(rest[1:]) == [one] and framer.messages == 3
+    # Over the limit: `feed` is the one that refuses it.
+    limited = ClientStream(max_size=3)
+    assert limited.whole(one) is None
+    with pytest.raises(qap.MessageTooLarge):
+        list(limited.feed(one))
+
+
+def test_whole_on_rs_side_waits_for_the_greeting() -> None:
+    server = ServerStream()
+    answer = msg(Cmd.RESP_OK, b"", 1)
+    assert server.whole(answer) is None  # no greeting yet: not a message
+    list(server.feed(ID_STRING))
+    assert server.whole(answer) == (Cmd.RESP_OK, 1)
+    assert server.messages == 1

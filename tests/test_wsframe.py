@@ -226,3 +226,20 @@ def test_the_parser_keeps_nothing_of_a_reused_read_buffer(
         last = cut
     assert data_of(events) == b"".join(parts)
     assert [e for e in events if isinstance(e, Ping)] == [Ping(part[:10]) for part in parts]
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 65535])
+def test_a_whole_binary_frame_in_one_read_is_the_same_either_way(size: int) -> None:
+    payload = os.urandom(size)
+    raw = client_frame(Opcode.BINARY, payload)
+    whole = FrameParser().feed(memoryview(bytearray(raw)))
+    assert whole == [bytearray(payload)]
+    # The same frame split, and the same frame inside a fragmented message, parse alike.
+    assert data_of(feed_split(FrameParser(), raw, [3])) == payload
+    parser = FrameParser()
+    parser.feed(client_frame(Opcode.BINARY, b"x", fin=False))
+    with pytest.raises(ProtocolError):
+        parser.feed(raw)  # a new message before the previous one ended
+    # An unmasked frame is refused, not taken as data.
+    with pytest.raises(ProtocolError):
+        FrameParser().feed(bytes((0x82, 1)) + b"x" * 5)
