@@ -447,15 +447,20 @@ async def receive_listeners(config: Config) -> tuple[Channel, int, list[Listener
         for listener, fd in zip(handed, fds, strict=True):
             rows[listener.row].setdefault(listener.name, []).append(socket.socket(fileno=fd))
         await channel.send(handover.encode("accept"))
-    except (HandoverError, Refusal, OSError, TimeoutError) as exc:
-        channel.close()
-        raise ConfigError(
-            f"--takeover: {exc or type(exc).__name__}; the running forward serves on"
-        ) from None
-    except BaseException:
-        channel.close()
-        raise
+    except BaseException as exc:
+        raise _given_up(channel, exc) from None
     return channel, int(offer.meta.get("pid", 0)), rows
+
+
+def _given_up(channel: Channel, exc: BaseException) -> BaseException:
+    """The take-over cannot go on: the predecessor hears nothing more (it serves on), and the
+    user gets one line for what went wrong on the way; anything else is raised as it is."""
+    channel.close()
+    if isinstance(exc, HandoverError | Refusal | OSError | TimeoutError):
+        return ConfigError(
+            f"--takeover: {exc or type(exc).__name__}; the running forward serves on"
+        )
+    return exc
 
 
 async def serve_on(channel: Channel, start: Awaitable[None]) -> None:
@@ -464,14 +469,8 @@ async def serve_on(channel: Channel, start: Awaitable[None]) -> None:
     try:
         await start
         await channel.send(handover.encode("ready"))
-    except (HandoverError, OSError, TimeoutError) as exc:
-        channel.close()
-        raise ConfigError(
-            f"--takeover: {exc or type(exc).__name__}; the running forward serves on"
-        ) from None
-    except BaseException:
-        channel.close()
-        raise
+    except BaseException as exc:
+        raise _given_up(channel, exc) from None
 
 
 async def take_over(config: Config, server: Server) -> tuple[Channel, int]:

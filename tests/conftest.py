@@ -28,6 +28,7 @@ from forward.app import Server
 from forward.config import Config
 
 from .cutproxy import CutProxy
+from .resume_client import ResumeClient
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: the CLI runs from here
 RSERVE = Path("/usr/lib/R/site-library/Rserve/libs/Rserve")
@@ -507,3 +508,19 @@ async def proxies() -> AsyncIterator[Callable[[int], Awaitable[CutProxy]]]:
     yield make
     for proxy in started:
         await proxy.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
+    """Resume-protocol clients (tests/resume_client.py), each closed at the end of the test."""
+    made: list[ResumeClient] = []
+
+    def make(url: str, **kw: object) -> ResumeClient:
+        client = ResumeClient(url, **kw)  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        with contextlib.suppress(Exception):
+            await client.close()

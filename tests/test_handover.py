@@ -11,7 +11,7 @@ import hashlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,21 +25,6 @@ from .rclient import RClient
 from .resume_client import Gone, ResumeClient
 
 pytestmark = pytest.mark.rserve
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
-    made: list[ResumeClient] = []
-
-    def make(url: str, **kw: object) -> ResumeClient:
-        client = ResumeClient(url, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        with contextlib.suppress(Exception):
-            await client.close()
 
 
 def big(i: int) -> str:
@@ -76,6 +61,27 @@ async def plain_session_served(url: str) -> None:
             assert "1001" in str(exc) and c.oob and c.oob[-1].header.cmd & 0xFFFFF000 == 0x21000
 
 
+class Prober:
+    """New connections, one after another without pause, until `stop()`: how many were
+    served (each one must be, see plain_session_served)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.served = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await plain_session_served(self.url)
+            self.served += 1
+
+    async def stop(self) -> int:
+        self._stop.set()
+        await self._task
+        return self.served
+
+
 async def test_fifty_resumable_sessions_survive_a_hand_over(
     rserve_qap: Rserve,
     forward_cli: StartCli,
@@ -108,22 +114,11 @@ async def test_fifty_resumable_sessions_survive_a_hand_over(
         assert (await p.eval("y <- 7")).value == [7.0]
 
     # New connections keep coming while it happens: every one is served.
-    served = 0
-    stop_probing = asyncio.Event()
-
-    async def probe() -> None:
-        nonlocal served
-        while not stop_probing.is_set():
-            await plain_session_served(url)
-            served += 1
-
-    prober = asyncio.create_task(probe())
+    prober = Prober(url)
     new = await forward_cli(*args, "--takeover", ports=(), ready="took over from process")
     assert await old.wait(within=30) == 0
     await old.expect("50 resumable session(s) handed over")
-    stop_probing.set()
-    await prober
-    assert served > 0
+    assert await prober.stop() > 0
 
     # The plain sessions got the shutdown notice, then 1001.
     for p in plain:
@@ -290,21 +285,10 @@ async def test_a_forward_with_workers_hands_its_sockets_over(
     await old.expect("hand-over refused by the new process")
     await plain_session_works(url)
 
-    served = 0
-    stop_probing = asyncio.Event()
-
-    async def probe() -> None:
-        nonlocal served
-        while not stop_probing.is_set():
-            await plain_session_served(url)
-            served += 1
-
-    prober = asyncio.create_task(probe())
+    prober = Prober(url)
     new = await forward_cli(*args, "--takeover", ports=(), ready="took over from process")
     assert await old.wait(within=30) == 0
-    stop_probing.set()
-    await prober
-    assert served > 0
+    assert await prober.stop() > 0
     for p in plain:
         msg = await p.ws.receive()
         assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == qap.SHUTDOWN_NOTICE

@@ -6,10 +6,9 @@ its session whenever its connection is cut, a resume that reaches the wrong inst
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -36,21 +35,6 @@ def instances_site(ports: dict[str, int], port: int, cert: Path, key: Path) -> s
     text = text.replace("    listen [::]:443 ssl;\n", "")
     text = text.replace("/etc/ssl/forward/fullchain.pem", str(cert))
     return text.replace("/etc/ssl/forward/privkey.pem", str(key))
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
-    made: list[ResumeClient] = []
-
-    def make(url: str, **kw: object) -> ResumeClient:
-        client = ResumeClient(url, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        with contextlib.suppress(Exception):
-            await client.close()
 
 
 async def test_resumes_find_their_instance_behind_nginx(

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 
 import aiohttp
@@ -32,20 +32,6 @@ from .rclient import RClient
 from .resume_client import Gone, ResumeClient
 
 pytestmark = pytest.mark.rserve
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
-    made: list[ResumeClient] = []
-
-    def make(url: str, **kw: object) -> ResumeClient:
-        client = ResumeClient(url, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
 
 
 async def through(

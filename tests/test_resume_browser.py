@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -49,6 +49,27 @@ async def outage(proxy: CutProxy, seconds: float) -> None:
     proxy.up()
 
 
+async def log_in(page: Any) -> Callable[..., Awaitable[str]]:
+    """Log in on the demo page (OCAP example user); returns `evaluate(expr, during=None)`: type
+    `expr`, await `during` meanwhile, and return the entry's output once it is done."""
+    await page.fill("#user", "mike")
+    await page.fill("#password", "mypwd")
+    await page.click("#login button")
+    await page.wait_for_selector("body[data-state=ready]")
+
+    async def evaluate(expr: str, during: Awaitable[None] | None = None) -> str:
+        count = await page.locator(".entry[data-state=done]").count()
+        await page.fill("#expr", expr)
+        await page.press("#expr", "Enter")
+        if during is not None:
+            await during
+        entry = page.locator(".entry[data-state=done]").nth(count)
+        await entry.wait_for(timeout=60_000)
+        return str(await entry.locator(".output").text_content())
+
+    return evaluate
+
+
 async def test_demo_page_survives_a_cut_during_an_evaluation(
     fresh_rserve: Callable[..., Rserve],
     forward_cli: StartCli,
@@ -72,20 +93,7 @@ async def test_demo_page_survives_a_cut_during_an_evaluation(
             .observe(document.querySelector('#status'), {childList: true, characterData: true,
                                                           subtree: true})"""
     )
-    await page.fill("#user", "mike")
-    await page.fill("#password", "mypwd")
-    await page.click("#login button")
-    await page.wait_for_selector("body[data-state=ready]")
-
-    async def evaluate(expr: str, during: Any = None) -> str:
-        count = await page.locator(".entry[data-state=done]").count()
-        await page.fill("#expr", expr)
-        await page.press("#expr", "Enter")
-        if during is not None:
-            await during
-        entry = page.locator(".entry[data-state=done]").nth(count)
-        await entry.wait_for(timeout=60_000)
-        return str(await entry.locator(".output").text_content())
+    evaluate = await log_in(page)
 
     assert await evaluate("x <- 42; invisible(NULL)") is not None
     pid = await evaluate("Sys.getpid()")
@@ -190,20 +198,7 @@ async def test_demo_page_survives_a_hand_over_during_an_evaluation(
     page.on("pageerror", lambda e: errors.append(str(e)))
     await page.goto(f"http://127.0.0.1:{port}/")
     await page.wait_for_selector("body[data-state=login]")
-    await page.fill("#user", "mike")
-    await page.fill("#password", "mypwd")
-    await page.click("#login button")
-    await page.wait_for_selector("body[data-state=ready]")
-
-    async def evaluate(expr: str, during: Any = None) -> str:
-        count = await page.locator(".entry[data-state=done]").count()
-        await page.fill("#expr", expr)
-        await page.press("#expr", "Enter")
-        if during is not None:
-            await during
-        entry = page.locator(".entry[data-state=done]").nth(count)
-        await entry.wait_for(timeout=60_000)
-        return str(await entry.locator(".output").text_content())
+    evaluate = await log_in(page)
 
     await evaluate("x <- 42; invisible(NULL)")
     pid = await evaluate("Sys.getpid()")
