@@ -699,8 +699,9 @@ class Server:
         if self.warm is not None:
             await self.warm.close()
         await self._close_sessions()
-        for old in reversed(runners.values()):
-            await old.cleanup()
+        # Together, not one after the other: each waits up to shutdown_timeout for requests
+        # still in progress, and a stop must stay within what the service manager allows.
+        await asyncio.gather(*(old.cleanup() for old in reversed(runners.values())))
 
 
 # Descriptors a forward process holds besides its sessions: stdio, the event loop, listeners,

@@ -341,7 +341,9 @@ class Supervisor:
             return
         self._none_left.clear()
         self._signal_all(signal.SIGTERM)
-        limit = self.config.drain_timeout + self.config.shutdown_timeout + KILL_GRACE
+        # A worker's own stop: the drain, the sessions' close handshakes, then its listeners'
+        # requests in progress (together), each bounded by the shutdown timeout.
+        limit = self.config.drain_timeout + 2 * self.config.shutdown_timeout + KILL_GRACE
         try:
             async with asyncio.timeout(limit):
                 await self._none_left.wait()
