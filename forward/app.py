@@ -178,17 +178,12 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
     if offer.resume:
         registry = app[RESUMABLE]
 
-        def end_resumable(session: Session) -> None:
-            sessions.discard(session)
-            assert isinstance(session, ResumableSession)
-            guard.release(session.client)
-
         session = resumable = ResumableSession(
             relay,
             label,
             from_r,
             sessions.next_id(),
-            end_resumable,
+            resumable_end(sessions, guard),
             registry,
             client,
             subject,
@@ -210,6 +205,18 @@ async def websocket_session(request: web.Request) -> web.StreamResponse:
         ws.start(tail, wsconn.HOLD_CONNECTING)
     await session.start()
     return wsconn.Detached()
+
+
+def resumable_end(sessions: Sessions, guard: Guard) -> Callable[[Session], None]:
+    """What a resumable session's end does: it leaves the open sessions and is no longer
+    counted for the client it moved to last (not the one it opened from)."""
+
+    def end(session: Session) -> None:
+        sessions.discard(session)
+        assert isinstance(session, ResumableSession)
+        guard.release(session.client)
+
+    return end
 
 
 async def _resume_session(
@@ -450,10 +457,11 @@ class Server:
     stats: Stats = field(default_factory=Stats)
     row: int = 0
     warm: WarmPool | None = None
-    # What start() made and a hand-over needs again: the guard, the shared read buffers, and
-    # every listening socket by listener name.
+    # What start() made and a hand-over needs again: the relay's settings, the guard, the shared
+    # read buffers, and every listening socket by listener name.
     status: Status = field(default_factory=Status)
     _admin: health.Admin | None = None
+    _relay: RelaySettings | None = None
     _guard: Guard | None = None
     _buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None
     listening: dict[str, list[socket.socket]] = field(default_factory=dict)
@@ -502,7 +510,7 @@ class Server:
             self.warm = WarmPool(
                 c.socket, c.warm, c.backend_timeout, self.stats.slot(self.row), c.max_result_size
             )
-        relay = self.relay_settings()
+        relay = self._relay = self.relay_settings()
         guard = self._guard = self.guard()
         apps: dict[str, web.Application] = {}
         buffers = self._buffers = (wsconn.ReadBuffer(), wsconn.ReadBuffer())
@@ -617,27 +625,21 @@ class Server:
     ) -> ResumableSession:
         """A resumable session handed over by another process, parked here until its client
         resumes. ValueError (KeyError, TypeError) if `state` is not one."""
-        guard, buffers = self._guard, self._buffers
-        assert guard is not None and buffers is not None, "start() first"
+        guard, buffers, relay = self._guard, self._buffers, self._relay
+        assert guard is not None and buffers is not None and relay is not None, "start() first"
         restored = resume.ResumeState.restored(state["resume"], kept)
         client, label = str(state["client"]), str(state["label"])
-        relay = self.relay_settings()
         sessions = self.sessions
-
-        def end(session: Session) -> None:
-            sessions.discard(session)
-            assert isinstance(session, ResumableSession)
-            guard.release(session.client)
 
         session = ResumableSession(
             relay,
             label,
             buffers[1],
             sessions.next_id(),
-            end,
+            resumable_end(sessions, guard),
             self.resumable,
             client,
-            restored.subject,
+            state=restored,
         )
         session.core.restore(state["core"])
         session.bytes_to_r = int(state["bytes_to_r"])
@@ -646,9 +648,7 @@ class Server:
         sessions.add(session)
         grace_left = state["grace_left"]
         timings = {"age": float(state["age"]), "quiet": float(state["quiet"])}
-        await session.adopt(
-            restored, sock, timings, None if grace_left is None else float(grace_left)
-        )
+        await session.adopt(sock, timings, None if grace_left is None else float(grace_left))
         return session
 
     def port(self, name: str) -> int:

@@ -80,12 +80,6 @@ def decode(packet: bytes) -> Record:
     return Record(kind, head, packet[_LENGTH.size + size :])
 
 
-def expect(record: Record, *kinds: str) -> Record:
-    if record.kind not in kinds:
-        raise HandoverError(f"expected {' or '.join(kinds)}, got {record.kind}")
-    return record
-
-
 def hello(forward: str, pid: int) -> bytes:
     return encode("hello", versions=sorted(READABLE), forward=forward, pid=pid)
 

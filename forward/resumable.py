@@ -59,9 +59,11 @@ class ResumableSession(Session):
         registry: dict[str, ResumableSession],
         client: str,
         subject: str | None = None,
+        state: ResumeState | None = None,
     ) -> None:
+        """A new resumable session, or (`state`) one another process handed over."""
         super().__init__(settings, label, buffer, session_id, on_end)
-        self.resume = ResumeState(settings.resume_buffer, subject=subject)
+        self.resume = state or ResumeState(settings.resume_buffer, subject=subject)
         self.grace = settings.resume_grace
         self._quarter = settings.resume_buffer // 4
         self.client = client  # the address its per-client count is held under
@@ -361,24 +363,15 @@ class ResumableSession(Session):
             on_end(self)
 
     async def adopt(
-        self,
-        state: ResumeState,
-        sock: socket.socket,
-        timings: dict[str, float],
-        grace_left: float | None,
+        self, sock: socket.socket, timings: dict[str, float], grace_left: float | None
     ) -> None:
-        """Become the session another process handed over (`state` restored from its
-        record, the core restored already), with R's connection `sock`: parked, for
-        `grace_left` seconds, or this process's whole grace if it was live there."""
-        if self._registry.get(self.resume.key) is self:
-            del self._registry[self.resume.key]
-        self.resume = state
-        self._registry[state.key] = self
-        self.ws = None
+        """Carry on as the session another process handed over (made with its `state`, the
+        core restored), with R's connection `sock`: parked, for `grace_left` seconds, or this
+        process's whole grace if it was live there."""
         grace = self.grace if grace_left is None else min(grace_left, self.grace)
         self._stats.add(Stat.SESSIONS_PARKED)
         self._grace_timer = asyncio.get_running_loop().call_later(grace, self._expire_park)
         await self.adopt_backend(sock, timings["age"], timings["quiet"])
-        if state.outbox.full:
+        if self.resume.outbox.full:
             self._stalled = True
             self._pause_r()

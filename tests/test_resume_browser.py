@@ -70,6 +70,21 @@ async def log_in(page: Any) -> Callable[..., Awaitable[str]]:
     return evaluate
 
 
+async def carried_on(page: Any, evaluate: Callable[..., Awaitable[str]], pid: str) -> None:
+    """After the interruption: the same workspace and R process, and the transcript holds each
+    input once, in order, each with its own answer."""
+    assert await evaluate("x") == "[1] 42\n"
+    assert await evaluate("Sys.getpid()") == pid
+    inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
+    assert inputs == [
+        "x <- 42; invisible(NULL)",
+        "Sys.getpid()",
+        "Sys.sleep(3); sum(as.numeric(1:1e6))",
+        "x",
+        "Sys.getpid()",
+    ]
+
+
 async def test_demo_page_survives_a_cut_during_an_evaluation(
     fresh_rserve: Callable[..., Rserve],
     forward_cli: StartCli,
@@ -104,17 +119,7 @@ async def test_demo_page_survives_a_cut_during_an_evaluation(
 
     answer = await evaluate("Sys.sleep(3); sum(as.numeric(1:1e6))", cut_during_the_sleep())
     assert answer == "[1] 500000500000\n"
-    assert await evaluate("x") == "[1] 42\n"
-    assert await evaluate("Sys.getpid()") == pid
-    # The transcript: each input once, in order, each with its own answer.
-    inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
-    assert inputs == [
-        "x <- 42; invisible(NULL)",
-        "Sys.getpid()",
-        "Sys.sleep(3); sum(as.numeric(1:1e6))",
-        "x",
-        "Sys.getpid()",
-    ]
+    await carried_on(page, evaluate, pid)
     assert proxy.cuts >= 1
     await eventually(lambda: any("reconnected" in t for t in links), what="reconnected shown")
     assert any("reconnecting" in t for t in links), links
@@ -212,15 +217,6 @@ async def test_demo_page_survives_a_hand_over_during_an_evaluation(
     assert answer == "[1] 500000500000\n"
     assert await old.wait() == 0
     assert "1 resumable session(s) handed over" in old.log()
-    assert await evaluate("x") == "[1] 42\n"
-    assert await evaluate("Sys.getpid()") == pid
-    inputs = [await e.text_content() for e in await page.locator(".entry .input").all()]
-    assert inputs == [
-        "x <- 42; invisible(NULL)",
-        "Sys.getpid()",
-        "Sys.sleep(3); sum(as.numeric(1:1e6))",
-        "x",
-        "Sys.getpid()",
-    ]
+    await carried_on(page, evaluate, pid)
     assert errors == []
     await new[0].expect("resumed by")
