@@ -89,7 +89,7 @@ class _Backend(asyncio.BufferedProtocol):
         if self._greeting:
             # Replayed before the transport reads anything, so R's stream keeps its order.
             greeting, self._greeting = self._greeting, b""
-            self._session.from_backend(greeting)
+            self._session.from_backend(greeting, self.transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer.view
@@ -228,14 +228,9 @@ class Session:
         self._counted = True
         settings = self._settings
         self._last_activity = loop.time()
-        if settings.heartbeat > 0:
-            self._heartbeat = loop.call_later(settings.heartbeat, self._beat)
+        self._arm_timers(loop, 0.0, 0.0)
         if self.core.awaiting_greeting:  # the greeting may already be in
             self._greeting_timer = loop.call_later(settings.backend_timeout, self._check_greeting)
-        if settings.idle_timeout > 0:
-            self._timers.append(loop.call_later(settings.idle_timeout, self._check_idle))
-        if settings.max_lifetime > 0:
-            self._timers.append(loop.call_later(settings.max_lifetime, self._expire))
         ws.release(HOLD_CONNECTING)
         if backend.transport is None:  # R closed before it was taken: as if it closed now
             self.backend_lost(None)
@@ -244,12 +239,7 @@ class Session:
         if self._counted:
             self._counted = False
             self._stats.add(Stat.SESSIONS_OPEN, -1)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        for timer in self._timers:
-            timer.cancel()
-        if self._greeting_timer is not None:
-            self._greeting_timer.cancel()
+        self._cancel_timers()
         self._drop_backend()
         log.info(
             "session %d from %s closed: mode %s, %d bytes to R, %d bytes from R, %.1f s, %s",
@@ -311,11 +301,7 @@ class Session:
     def quiesce(self) -> None:
         """Stop both streams and every timer, so that the session's state stays as it is until
         it is handed over: nothing is read from either end, nothing is sent of forward's own."""
-        for timer in (self._heartbeat, self._greeting_timer, *self._timers):
-            if timer is not None:
-                timer.cancel()
-        self._heartbeat = self._greeting_timer = None
-        self._timers = []
+        self._cancel_timers()
         if self.ws is not None:
             self.ws.hold(HOLD_HANDOVER)
         backend = self._backend
@@ -331,6 +317,13 @@ class Session:
             self.ws.release(HOLD_HANDOVER)
         if not self._reading_paused:
             self.ws_resume_writing()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._heartbeat, self._greeting_timer, *self._timers):
+            if timer is not None:
+                timer.cancel()
+        self._heartbeat = self._greeting_timer = None
+        self._timers = []
 
     def _arm_timers(self, loop: asyncio.AbstractEventLoop, age: float, quiet: float) -> None:
         settings = self._settings

@@ -147,11 +147,9 @@ class WarmPool:
 
     def take(self) -> Warm | None:
         """A greeted connection of R's own, or None (a miss: the session connects itself)."""
-        loop = asyncio.get_running_loop()
         while self._held:
             warm = self._held.popleft()
-            self._stats.add(Stat.WARM_IDLE, -1)
-            loop.remove_reader(warm.sock.fileno())
+            self._unhold(warm)
             if alive(warm.sock):
                 self._stats.add(Stat.WARM_HANDED)
                 self._backoff.succeeded()  # a connection that served: R works
@@ -172,11 +170,9 @@ class WarmPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        loop = asyncio.get_running_loop()
         while self._held:
             warm = self._held.popleft()
-            self._stats.add(Stat.WARM_IDLE, -1)
-            loop.remove_reader(warm.sock.fileno())
+            self._unhold(warm)
             warm.sock.close()
 
     # -- filling -----------------------------------------------------------------------------
@@ -208,9 +204,7 @@ class WarmPool:
                 self._failing = True
                 log.warning("warm pool: cannot open an R session at %s: %s", self.path, why)
             self._stats.add(Stat.WARM_FAILURES)
-            if self._retry is None:  # one wait for the connections that failed together
-                delay = self._backoff.failed()
-                self._retry = asyncio.get_running_loop().call_later(delay, self._retry_later)
+            self._back_off()  # one wait for the connections that failed together
             return
         self._done_opening()
         if self._closed or len(self._held) >= self.size:
@@ -251,8 +245,7 @@ class WarmPool:
             return  # a spurious wake-up
         with contextlib.suppress(ValueError):
             self._held.remove(warm)
-            self._stats.add(Stat.WARM_IDLE, -1)
-        asyncio.get_running_loop().remove_reader(warm.sock.fileno())
+            self._unhold(warm)
         self._discard(warm, "R closed it")
 
     def _discard(self, warm: Warm, why: str) -> None:
@@ -261,6 +254,15 @@ class WarmPool:
         warm.sock.close()
         # Replaced after the backoff, which only a connection handed to a session resets: an R
         # that greets and then quits at once must not make the pool fork in a tight loop.
+        self._back_off()
+
+    def _unhold(self, warm: Warm) -> None:
+        """`warm` has left `_held`: no longer counted idle, no longer watched."""
+        self._stats.add(Stat.WARM_IDLE, -1)
+        asyncio.get_running_loop().remove_reader(warm.sock.fileno())
+
+    def _back_off(self) -> None:
+        """Open the next connections only after the backoff (one wait at a time)."""
         if self._retry is None and not self._closed:
             delay = self._backoff.failed()
             self._retry = asyncio.get_running_loop().call_later(delay, self._retry_later)
