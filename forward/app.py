@@ -35,6 +35,7 @@ from .guard import (
     parse_networks,
     valid_host,
 )
+from .health import Status
 from .listeners import bind_listeners, show_address
 from .proxysite import proxy_site
 from .relay import RelaySettings, Session
@@ -73,12 +74,6 @@ class Sessions(set[Session]):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
-
-
-class Status:
-    """What changes in a running forward's answers: while it drains, new sessions go elsewhere."""
-
-    draining = False
 
 
 SESSIONS = web.AppKey("sessions", Sessions)
@@ -460,7 +455,6 @@ class Server:
     # What start() made and a hand-over needs again: the relay's settings, the guard, the shared
     # read buffers, and every listening socket by listener name.
     status: Status = field(default_factory=Status)
-    _admin: health.Admin | None = None
     _relay: RelaySettings | None = None
     _guard: Guard | None = None
     _buffers: tuple[wsconn.ReadBuffer, wsconn.ReadBuffer] | None = None
@@ -541,7 +535,7 @@ class Server:
             app[accesslog.STATS_ROW] = relay.stats
             app[accesslog.GUARD] = guard
         if c.admin_port > 0:
-            admin = self._admin = health.Admin(c.socket, self.stats, c.workers)
+            admin = health.Admin(c.socket, self.stats, c.workers, self.status)
             apps["admin"] = health.build_admin_app(admin)
             apps["admin"].on_response_prepare.append(server_header)
             apps["admin"].on_response_prepare.append(
@@ -677,8 +671,6 @@ class Server:
             await self.stop_accepting()
             return
         self.status.draining = True
-        if self._admin is not None:
-            self._admin.draining = True
         log.info("draining: waiting up to %g s for %d open session(s)", grace, len(self.sessions))
         try:
             async with asyncio.timeout(grace):

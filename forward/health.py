@@ -143,14 +143,23 @@ class StatsCollector(Collector):
         yield per
 
 
-class Admin:
-    """What the admin handlers need: the QAP socket to probe and the counters to show."""
+class Status:
+    """What changes in a running forward's answers: while it drains, new sessions are refused
+    and health probes fail, so that load balancers send them elsewhere, while the sessions here
+    (and their resumes) carry on."""
 
-    def __init__(self, socket_path: str, stats: Stats, workers: int = 1) -> None:
+    draining = False
+
+
+class Admin:
+    """What the admin handlers need: the QAP socket to probe, the counters to show, and the
+    forward's `Status`."""
+
+    def __init__(
+        self, socket_path: str, stats: Stats, workers: int = 1, status: Status | None = None
+    ) -> None:
         self.socket_path = socket_path
-        # Set when this forward drains: probes then fail, so that load balancers send new
-        # sessions elsewhere while the ones here (and their resumes) carry on.
-        self.draining = False
+        self.status = status or Status()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(stats, workers))
 
@@ -179,7 +188,7 @@ async def probe(path: str, limit: float = PROBE_TIMEOUT) -> str | None:
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
-    if admin.draining:
+    if admin.status.draining:
         return web.Response(
             status=503,
             text="draining: no new sessions here; open ones carry on\n",

@@ -14,7 +14,6 @@ does not notice a closed socket and would run on, holding its memory and a CPU, 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -28,7 +27,7 @@ from multidict import CIMultiDict
 
 from . import qap
 from .config import Config
-from .guard import Network, client_identity
+from .guard import Network, client_identity, parse_networks
 from .ocap import (
     check_greeting_header,
     fail,
@@ -154,7 +153,7 @@ class RScripts:
             config.backend_timeout,
             config.max_body_size,
             config.max_message_size,
-            tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies),
+            parse_networks(config.trusted_proxies),
             config.rscript_timeout,
         )
 
