@@ -524,3 +524,13 @@ async def clients() -> AsyncIterator[Callable[..., ResumeClient]]:
     for client in made:
         with contextlib.suppress(Exception):
             await client.close()
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended: an exited one that nobody reaped yet (a zombie,
+    Z, or X while it goes) counts as ended."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")

@@ -16,7 +16,6 @@ from aiohttp import web
 
 from forward.cli import parse_args
 from forward.config import Config, ConfigError
-from forward.dispatch import make_http_handler
 from forward.headers import (
     HeaderError,
     ResponseHeaders,
@@ -25,9 +24,9 @@ from forward.headers import (
     response_headers,
 )
 
-from .conftest import PKI, Rserve, Running, StartCli, StartForward
+from .conftest import PKI, Rserve, StartCli, StartForward
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, need_browser
-from .test_rscript import R_PAGES
+from .test_rscript import R_PAGES, serve
 
 CSP = "Content-Security-Policy"
 
@@ -183,19 +182,6 @@ def docroot(tmp_path: Path) -> Path:
     return root
 
 
-async def serve(start_forward: StartForward, root: Path, rserve: Rserve, **kw: Any) -> Running:
-    ssl_context = kw.pop("ssl_context", None)
-    config = replace(Config(), doc_root=str(root), rscript_socket=str(rserve.socket), **kw)
-    return await start_forward(
-        root / "no-qap.sock",
-        doc_root=str(root),
-        rscript_socket=str(rserve.socket),
-        http_handler=make_http_handler(config),
-        ssl_context=ssl_context,
-        **kw,
-    )
-
-
 def assert_secured(headers: Any, what: str, *, extra: bool = True) -> None:
     assert headers.get("X-Frame-Options") == "DENY", what
     assert headers.getall(CSP, []) == ["frame-ancestors 'none'"], what
@@ -210,7 +196,7 @@ async def test_every_answer_has_the_headers(
     rpages: Rserve, docroot: Path, start_forward: StartForward
 ) -> None:
     fwd = await serve(
-        start_forward, docroot, rpages, max_body_size=16, add_header=("X-Added: yes",)
+        start_forward, docroot, rpages.socket, max_body_size=16, add_header=("X-Added: yes",)
     )
     requests: list[tuple[str, str, dict[str, str], bytes, int]] = [
         ("GET", "/page.html", {}, b"", 200),
@@ -287,7 +273,7 @@ async def test_https_answers_carry_hsts(
     settings = {"tls_key": str(pki.key), "tls_cert": str(pki.cert)}
     contexts = tls.Contexts(replace(Config(), **settings))
     fwd = await serve(
-        start_forward, docroot, rpages, ssl_context=contexts.get, redirect_port=3, **settings
+        start_forward, docroot, rpages.socket, ssl_context=contexts.get, redirect_port=3, **settings
     )
     async with aiohttp.ClientSession() as s:
         for path, status in (("/page.html", 200), ("/text.R", 200), ("/missing", 404)):

@@ -177,48 +177,48 @@ async def test_random_cuts_deliver_every_byte_exactly_once_in_order(
 
 
 async def test_a_100_mb_result_cut_three_times_arrives_whole(
-    rserve_qap: Rserve, start_forward: StartForward, proxies: Callable[..., object]
+    rserve_qap: Rserve,
+    start_forward: StartForward,
+    proxies: Callable[..., object],
+    clients: Callable[..., ResumeClient],
 ) -> None:
     fwd, proxy = await through(start_forward, rserve_qap, proxies)
     for at in (20_000_000, 7_000_000, 30_000_000):
         proxy.cut_after(at, DOWN)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        await c.eval("as.raw(rep(0:255, length.out = 1e8))", 1)
-        (reply,) = await c.wait_messages(1)
-        value = reply.value().value
-        expected = bytes(range(256)) * (100_000_000 // 256) + bytes(range(100_000_000 % 256))
-        assert hashlib.sha256(value).digest() == hashlib.sha256(expected).digest()
-        assert proxy.cuts >= 3 and c.resumes == 3
-        session = only_session(fwd)
-        assert session.resume.outbox.kept <= session.resume.window + 256 * 1024
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    await c.eval("as.raw(rep(0:255, length.out = 1e8))", 1)
+    (reply,) = await c.wait_messages(1)
+    value = reply.value().value
+    expected = bytes(range(256)) * (100_000_000 // 256) + bytes(range(100_000_000 % 256))
+    assert hashlib.sha256(value).digest() == hashlib.sha256(expected).digest()
+    assert proxy.cuts >= 3 and c.resumes == 3
+    session = only_session(fwd)
+    assert session.resume.outbox.kept <= session.resume.window + 256 * 1024
 
 
 async def test_a_50_mb_upload_cut_twice_arrives_whole(
-    rserve_qap: Rserve, start_forward: StartForward, proxies: Callable[..., object]
+    rserve_qap: Rserve,
+    start_forward: StartForward,
+    proxies: Callable[..., object],
+    clients: Callable[..., ResumeClient],
 ) -> None:
     fwd, proxy = await through(start_forward, rserve_qap, proxies)
     for at in (15_000_000, 20_000_000):
         proxy.cut_after(at, UP)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        data = os.urandom(50_000_000)
-        payload = rexp.string_param("up") + rexp.sexp_param(rexp.raw(data))
-        await c.send(Header(Cmd.SET_SEXP, len(payload), 1).encode() + payload)
-        await c.eval("length(up)", 2)
-        await c.eval("sum(as.integer(up))", 3)
-        await c.wait_messages(3)
-        assigned, length, total = c.messages
-        assert assigned.header.cmd == Cmd.RESP_OK
-        assert [length.value().value, total.value().value] == [[50_000_000], [float(sum(data))]]
-        assert c.resumes == 2
-        assert only_session(fwd).resume.received == c.sent
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    data = os.urandom(50_000_000)
+    payload = rexp.string_param("up") + rexp.sexp_param(rexp.raw(data))
+    await c.send(Header(Cmd.SET_SEXP, len(payload), 1).encode() + payload)
+    await c.eval("length(up)", 2)
+    await c.eval("sum(as.integer(up))", 3)
+    await c.wait_messages(3)
+    assigned, length, total = c.messages
+    assert assigned.header.cmd == Cmd.RESP_OK
+    assert [length.value().value, total.value().value] == [[50_000_000], [float(sum(data))]]
+    assert c.resumes == 2
+    assert only_session(fwd).resume.received == c.sent
 
 
 async def test_a_client_that_does_not_acknowledge_holds_r_back_within_the_window(
@@ -256,56 +256,54 @@ async def test_tickets_refused_with_their_codes_and_r_never_reached(
     fresh_rserve: Callable[..., Rserve],
     start_forward: StartForward,
     proxies: Callable[..., object],
+    clients: Callable[..., ResumeClient],
 ) -> None:
     rserve = fresh_rserve()
     fwd, proxy = await through(start_forward, rserve, proxies)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        await c.eval("Sys.getpid()", 1)
-        await c.wait_messages(1)
-        (first,) = c.values()
-        old_ticket = c.ticket
-        proxy.cut()
-        await c.resume()
-        await c.eval("1", 2)
-        await c.wait_messages(2)  # an ack on the new connection: the old ticket is withdrawn
-        await eventually(lambda: only_session(fwd).resume._previous is None, what="ticket settled")
-        children = len(rserve.children())
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    await c.eval("Sys.getpid()", 1)
+    await c.wait_messages(1)
+    (first,) = c.values()
+    old_ticket = c.ticket
+    proxy.cut()
+    await c.resume()
+    await c.eval("1", 2)
+    await c.wait_messages(2)  # an ack on the new connection: the old ticket is withdrawn
+    await eventually(lambda: only_session(fwd).resume._previous is None, what="ticket settled")
+    children = len(rserve.children())
 
-        async def refused(token: str, **kw: object) -> int | None:
-            async with aiohttp.ClientSession() as s:
-                ws = await s.ws_connect(fwd.url("ws"), protocols=(PROTOCOL, token), **kw)  # type: ignore[arg-type]
-                msg = await ws.receive()
-                assert msg.type is aiohttp.WSMsgType.CLOSE, msg
-                return ws.close_code
-
-        assert old_ticket is not None and c.ticket is not None
-        assert await refused(ticket_token(old_ticket, 0)) == ResumeClose.GONE
-        forged = c.ticket[:16] + ("0" if c.ticket[16] != "0" else "1") + c.ticket[17:]
-        assert await refused(ticket_token(forged, 0)) == ResumeClose.GONE
-        assert await refused(ticket_token("f" * 48, 0)) == ResumeClose.GONE
-        assert await refused(f"rserve-ticket.{c.ticket}.x") == ResumeClose.GONE
-        too_many = ticket_token(c.ticket, len(c.stream) + 1)
-        assert await refused(too_many) == ResumeClose.GONE
-        # A foreign page cannot even try.
+    async def refused(token: str, **kw: object) -> int | None:
         async with aiohttp.ClientSession() as s:
-            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-                await s.ws_connect(
-                    fwd.url("ws"),
-                    protocols=(PROTOCOL, ticket_token(c.ticket, len(c.stream))),
-                    origin="https://evil.example",
-                )
-            assert info.value.status == 403
-        assert len(rserve.children()) == children  # no new R process for any of them
-        assert fwd.server.stats.total(Stat.RESUMES_REFUSED) == 5
-        # The real client still resumes after all that.
-        proxy.cut()
-        await c.eval("Sys.getpid()", 3)
-        await c.wait_messages(3)
-        assert c.values()[2] == first
-    finally:
-        await c.close()
+            ws = await s.ws_connect(fwd.url("ws"), protocols=(PROTOCOL, token), **kw)  # type: ignore[arg-type]
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+            return ws.close_code
+
+    assert old_ticket is not None and c.ticket is not None
+    assert await refused(ticket_token(old_ticket, 0)) == ResumeClose.GONE
+    forged = c.ticket[:16] + ("0" if c.ticket[16] != "0" else "1") + c.ticket[17:]
+    assert await refused(ticket_token(forged, 0)) == ResumeClose.GONE
+    assert await refused(ticket_token("f" * 48, 0)) == ResumeClose.GONE
+    assert await refused(f"rserve-ticket.{c.ticket}.x") == ResumeClose.GONE
+    too_many = ticket_token(c.ticket, len(c.stream) + 1)
+    assert await refused(too_many) == ResumeClose.GONE
+    # A foreign page cannot even try.
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(
+                fwd.url("ws"),
+                protocols=(PROTOCOL, ticket_token(c.ticket, len(c.stream))),
+                origin="https://evil.example",
+            )
+        assert info.value.status == 403
+    assert len(rserve.children()) == children  # no new R process for any of them
+    assert fwd.server.stats.total(Stat.RESUMES_REFUSED) == 5
+    # The real client still resumes after all that.
+    proxy.cut()
+    await c.eval("Sys.getpid()", 3)
+    await c.wait_messages(3)
+    assert c.values()[2] == first
 
 
 async def test_a_second_connection_takes_the_session_over(
@@ -336,74 +334,73 @@ async def test_a_parked_session_expires_and_its_ticket_is_gone(
     start_forward: StartForward,
     proxies: Callable[..., object],
     caplog: pytest.LogCaptureFixture,
+    clients: Callable[..., ResumeClient],
 ) -> None:
     rserve = fresh_rserve()
     fwd, proxy = await through(start_forward, rserve, proxies, resume_grace=0.5)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        await c.eval("1", 1)
-        await c.wait_messages(1)
-        await eventually(lambda: len(rserve.children()) == 1, what="one R process")
-        caplog.set_level(logging.INFO, "forward")
-        proxy.cut()
-        await eventually(lambda: not fwd.server.sessions, what="the parked session expires")
-        assert "expired after 0.5 s without a resume" in caplog.text
-        await eventually(lambda: not rserve.children(), what="its R process ends")
-        with pytest.raises(Gone) as info:
-            await c.resume()
-            await c.wait_messages(2)
-        assert info.value.code == ResumeClose.GONE
-        assert fwd.server.stats.total(Stat.PARKS_EXPIRED) == 1
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    await c.eval("1", 1)
+    await c.wait_messages(1)
+    await eventually(lambda: len(rserve.children()) == 1, what="one R process")
+    caplog.set_level(logging.INFO, "forward")
+    proxy.cut()
+    await eventually(lambda: not fwd.server.sessions, what="the parked session expires")
+    assert "expired after 0.5 s without a resume" in caplog.text
+    await eventually(lambda: not rserve.children(), what="its R process ends")
+    with pytest.raises(Gone) as info:
+        await c.resume()
+        await c.wait_messages(2)
+    assert info.value.code == ResumeClose.GONE
+    assert fwd.server.stats.total(Stat.PARKS_EXPIRED) == 1
 
 
 async def test_parked_sessions_count_towards_the_per_client_cap(
-    rserve_qap: Rserve, start_forward: StartForward, proxies: Callable[..., object]
+    rserve_qap: Rserve,
+    start_forward: StartForward,
+    proxies: Callable[..., object],
+    clients: Callable[..., ResumeClient],
 ) -> None:
     fwd, proxy = await through(start_forward, rserve_qap, proxies, max_sessions_per_client=1)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        await c.eval("1", 1)
-        await c.wait_messages(1)
-        proxy.cut()
-        await eventually(lambda: only_session(fwd).parked, what="parked")
-        async with aiohttp.ClientSession() as s:
-            ws = await s.ws_connect(fwd.url("http"), protocols=(PROTOCOL,))
-            msg = await ws.receive()
-            assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 1013)
-        await c.eval("2", 2)
-        await c.wait_messages(2)  # its own resume is not a new session
-        assert c.values() == [[1.0], [2.0]]
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    await c.eval("1", 1)
+    await c.wait_messages(1)
+    proxy.cut()
+    await eventually(lambda: only_session(fwd).parked, what="parked")
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(fwd.url("http"), protocols=(PROTOCOL,))
+        msg = await ws.receive()
+        assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 1013)
+    await c.eval("2", 2)
+    await c.wait_messages(2)  # its own resume is not a new session
+    assert c.values() == [[1.0], [2.0]]
 
 
 async def test_shutdown_ends_parked_sessions(
     fresh_rserve: Callable[..., Rserve],
     start_forward: StartForward,
     proxies: Callable[..., object],
+    clients: Callable[..., ResumeClient],
 ) -> None:
     rserve = fresh_rserve()
     fwd, proxy = await through(start_forward, rserve, proxies)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        await c.connect()
-        await c.eval("1", 1)
-        await c.wait_messages(1)
-        proxy.cut()
-        await eventually(lambda: only_session(fwd).parked, what="parked")
-        await fwd.server.stop()
-        assert not fwd.server.sessions and not fwd.server.resumable
-        await eventually(lambda: not rserve.children(), what="R's process ends")
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    await c.connect()
+    await c.eval("1", 1)
+    await c.wait_messages(1)
+    proxy.cut()
+    await eventually(lambda: only_session(fwd).parked, what="parked")
+    await fwd.server.stop()
+    assert not fwd.server.sessions and not fwd.server.resumable
+    await eventually(lambda: not rserve.children(), what="R's process ends")
 
 
 async def test_a_session_opened_with_a_certificate_resumes_only_with_that_certificate(
-    fresh_rserve: Callable[..., Rserve], start_forward: StartForward, pki: PKI
+    fresh_rserve: Callable[..., Rserve],
+    start_forward: StartForward,
+    pki: PKI,
+    clients: Callable[..., ResumeClient],
 ) -> None:
     rserve = fresh_rserve()
     settings = {
@@ -416,27 +413,24 @@ async def test_a_session_opened_with_a_certificate_resumes_only_with_that_certif
     contexts = tls.Contexts(replace(Config(), **settings))  # type: ignore[arg-type]
     fwd = await start_forward(rserve.socket, ssl_context=contexts.get, **settings)
     alice, bob = pki.client_context("alice"), pki.client_context("bob")
-    c = ResumeClient(fwd.url("ws"), ssl_context=alice)
-    try:
-        await c.connect()
-        await c.eval("Sys.getpid()", 1)
-        await c.wait_messages(1)
-        assert only_session(fwd).resume.subject is not None
-        children = len(rserve.children())
-        token = ticket_token(c.ticket or "", len(c.stream))
-        for context in (bob, pki.client_context()):  # another subject, and none at all
-            async with aiohttp.ClientSession() as s:
-                ws = await s.ws_connect(fwd.url("ws"), protocols=(PROTOCOL, token), ssl=context)
-                msg = await ws.receive()
-                assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, ResumeClose.REFUSED)
-        assert len(rserve.children()) == children
-        await c.drop()
-        await c.resume()  # alice herself still may
-        await c.eval("Sys.getpid()", 2)
-        await c.wait_messages(2)
-        assert c.values()[0] == c.values()[1]
-    finally:
-        await c.close()
+    c = clients(fwd.url("ws"), ssl_context=alice)
+    await c.connect()
+    await c.eval("Sys.getpid()", 1)
+    await c.wait_messages(1)
+    assert only_session(fwd).resume.subject is not None
+    children = len(rserve.children())
+    token = ticket_token(c.ticket or "", len(c.stream))
+    for context in (bob, pki.client_context()):  # another subject, and none at all
+        async with aiohttp.ClientSession() as s:
+            ws = await s.ws_connect(fwd.url("ws"), protocols=(PROTOCOL, token), ssl=context)
+            msg = await ws.receive()
+            assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, ResumeClose.REFUSED)
+    assert len(rserve.children()) == children
+    await c.drop()
+    await c.resume()  # alice herself still may
+    await c.eval("Sys.getpid()", 2)
+    await c.wait_messages(2)
+    assert c.values()[0] == c.values()[1]
 
 
 async def test_a_parked_session_keeps_its_lifetime(
@@ -444,22 +438,20 @@ async def test_a_parked_session_keeps_its_lifetime(
     start_forward: StartForward,
     proxies: Callable[..., object],
     caplog: pytest.LogCaptureFixture,
+    clients: Callable[..., ResumeClient],
 ) -> None:
     """Parking buys no time past --max-lifetime: the session ends then, grace or not."""
     rserve = fresh_rserve()
     fwd, proxy = await through(start_forward, rserve, proxies, max_lifetime=1.0)
-    c = ResumeClient(f"ws://127.0.0.1:{proxy.port}/")
-    try:
-        caplog.set_level(logging.INFO, "forward")
-        await c.connect()
-        await c.eval("1", 1)
-        await c.wait_messages(1)
-        proxy.cut()
-        await eventually(lambda: only_session(fwd).parked, what="parked")
-        await eventually(lambda: not fwd.server.sessions, what="the lifetime ends it", within=20)
-        assert "lifetime of 1 s reached" in caplog.text
-        assert fwd.server.stats.total(Stat.PARKS_EXPIRED) == 0  # not the grace: the lifetime
-        assert fwd.server.stats.total(Stat.SESSIONS_PARKED) == 0
-        await eventually(lambda: not rserve.children(), what="its R process ends")
-    finally:
-        await c.close()
+    c = clients(f"ws://127.0.0.1:{proxy.port}/")
+    caplog.set_level(logging.INFO, "forward")
+    await c.connect()
+    await c.eval("1", 1)
+    await c.wait_messages(1)
+    proxy.cut()
+    await eventually(lambda: only_session(fwd).parked, what="parked")
+    await eventually(lambda: not fwd.server.sessions, what="the lifetime ends it", within=20)
+    assert "lifetime of 1 s reached" in caplog.text
+    assert fwd.server.stats.total(Stat.PARKS_EXPIRED) == 0  # not the grace: the lifetime
+    assert fwd.server.stats.total(Stat.SESSIONS_PARKED) == 0
+    await eventually(lambda: not rserve.children(), what="its R process ends")

@@ -36,7 +36,7 @@ from forward.rexp import RObj
 from forward.rscript import is_rscript
 from forward.static import Refusal
 
-from .conftest import C_FORWARD, Rserve, Running, StartForward, eventually, free_port
+from .conftest import C_FORWARD, Rserve, Running, StartForward, eventually, free_port, running
 
 # -- pure: packing ---------------------------------------------------------------------------------
 
@@ -457,15 +457,6 @@ async def test_body_limit(rpages: Rserve, docroot: Path, start_forward: StartFor
         async with s.post(fwd.http_url("/echo.R"), data=b"z" * 1000) as r:
             assert r.status == 200
             assert split_request(await r.read())[3] == b"z" * 1000
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie waiting for Rserve to reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.rserve

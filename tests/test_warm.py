@@ -21,7 +21,7 @@ from forward.qap import Cmd, Header
 from forward.stats import Stat, Stats
 from forward.warm import Backoff, GreetingReader, WarmPool, wanted
 
-from .conftest import ForwardProcess, Rserve, StartCli, StartForward, eventually
+from .conftest import ForwardProcess, Rserve, StartCli, StartForward, eventually, running
 from .fakes import ID_STRING, FakeRserve
 from .rclient import RClient
 from .resume_client import ResumeClient
@@ -186,11 +186,7 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 10, what: 
 
 
 def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
+    return not running(pid)
 
 
 async def pid_of(client: RClient) -> int:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forward.config import Config
 from forward.workers import Supervisor, supervise
 
-from .conftest import Rserve, StartCli, eventually, run_forward
+from .conftest import Rserve, StartCli, eventually, run_forward, running
 from .rclient import RClient
 
 pytestmark = pytest.mark.rserve
@@ -31,14 +31,7 @@ def children(pid: int) -> set[int]:
 
 def all_gone(pids: set[int]) -> bool:
     """No process left running (an exited one that nobody reaped yet is a zombie: gone)."""
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            return False
-    return True
+    return not any(map(running, pids))
 
 
 async def per_worker(admin: int) -> dict[str, float]:
