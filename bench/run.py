@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import realr
+from realr import fmt
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -519,14 +520,6 @@ def verdicts(
             ok = ok or ours[key] <= PSS_TARGET_KB
         out[key] = "met" if ok else "MISSED"
     return out
-
-
-def fmt(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "n/a"
-    if value >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
