@@ -257,7 +257,8 @@ class FrameParser:
             return None
         if size + length != n:
             return None
-        payload = bytearray(data[size:])
+        # One copy, which unmasking needs anyway (slicing `bytes` would make another).
+        payload = bytearray(memoryview(data)[size:])
         self._mask_xor(bytes(data[size - 4 : size]), payload)
         return payload
 
