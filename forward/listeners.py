@@ -8,6 +8,7 @@ removed again at exit (service.Lifecycle).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -110,3 +111,24 @@ def show_address(addr: object) -> str:
     if isinstance(addr, tuple):
         return host_port(str(addr[0]), addr[1])
     return str(addr)
+
+
+async def wait_ready(sock: socket.socket, write: bool = False) -> None:
+    """Wait until a non-blocking socket outside any transport is readable (or writable): the
+    PROXY header's bytes, the hand-over's records."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    add(fd, wake)
+    try:
+        await ready
+    finally:
+        remove(fd)

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from . import aiohttp_private, tls
 from .aiohttp_private import AcceptingSite
+from .listeners import wait_ready
 from .proxyproto import MAX_HEADER, ProxyHeader, ProxyProtocolError, parse, take
 from .ulog import host_port
 
@@ -113,7 +114,7 @@ class _HeaderFirst(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, though they are ones.
         self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        address, self._peer = _peer(sock) if sock is not None else (None, "?")
+        address, self._peer = tls.peer(sock) if sock is not None else (None, "?")
         try:
             self._gate.check(address)
         except ProxyProtocolError as exc:
@@ -195,7 +196,7 @@ class _TLSSite(AcceptingSite):
         return tls.Acceptor(sock, connect, self._gate.listener)
 
     async def _connect(self, conn: socket.socket, factory: Factory) -> None:
-        address, peer = _peer(conn)
+        address, peer = tls.peer(conn)
         try:
             self._gate.check(address)
             header = await read_header(conn, self._gate.timeout)
@@ -217,7 +218,6 @@ async def read_header(conn: socket.socket, within: float) -> ProxyHeader:
     """The PROXY header at the start of `conn` (non-blocking), consumed and nothing more;
     ProxyProtocolError when it is not one, the peer stops before its end, or `within` seconds
     (0: no limit) pass first."""
-    loop = asyncio.get_running_loop()
     consumed = b""
     try:
         async with asyncio.timeout(within or None):
@@ -225,7 +225,7 @@ async def read_header(conn: socket.socket, within: float) -> ProxyHeader:
                 try:
                     available = conn.recv(MAX_HEADER - len(consumed), socket.MSG_PEEK)
                 except (BlockingIOError, InterruptedError):
-                    await _readable(loop, conn)
+                    await wait_ready(conn)
                     continue
                 if not available:
                     raise ProxyProtocolError(
@@ -244,21 +244,6 @@ async def read_header(conn: socket.socket, within: float) -> ProxyHeader:
         raise ProxyProtocolError(f"the connection failed before its PROXY header: {exc}") from None
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    fd = conn.fileno()
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
 def _reporting(factory: Factory, source: tuple[str, int]) -> Factory:
     def make() -> asyncio.Protocol:
         handler = factory()
@@ -266,15 +251,3 @@ def _reporting(factory: Factory, source: tuple[str, int]) -> Factory:
         return handler
 
     return make
-
-
-def _peer(conn: socket.socket) -> tuple[str | None, str]:
-    """(the address `--trusted-proxy` is checked against, the peer for a log line); a peer on
-    a unix socket has the address "" (trusted as local), one that already left None."""
-    try:
-        addr = conn.getpeername()
-    except OSError:
-        return None, "a peer that left"
-    if conn.family == socket.AF_UNIX:
-        return "", f"the unix socket {conn.getsockname() or ''}".rstrip()
-    return str(addr[0]), host_port(str(addr[0]), int(addr[1]))

@@ -33,6 +33,7 @@ from . import __version__, handover
 from .app import Server
 from .config import Config, ConfigError
 from .handover import HandoverError, Record
+from .listeners import wait_ready
 from .resumable import ResumableSession
 from .session import State
 
@@ -52,25 +53,8 @@ class Channel:
         self.sock = sock
 
     async def _ready(self, write: bool, within: float) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        fd = self.sock.fileno()
-        add, remove = (
-            (loop.add_writer, loop.remove_writer)
-            if write
-            else (loop.add_reader, loop.remove_reader)
-        )
-
-        def wake() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        add(fd, wake)
-        try:
-            async with asyncio.timeout(within):
-                await done
-        finally:
-            remove(fd)
+        async with asyncio.timeout(within):
+            await wait_ready(self.sock, write)
 
     async def send(
         self, record: bytes, fds: Sequence[int] = (), within: float = HELLO_TIMEOUT

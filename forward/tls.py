@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .aiohttp_private import AcceptingSite
 from .config import Config, ConfigError
+from .ulog import host_port
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ class TLSSite(AcceptingSite):
         self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
     ) -> asyncio.AbstractServer:
         async def connect(conn: socket.socket) -> None:
-            await handshake(factory, conn, self._contexts(), self._listener, _peer(conn))
+            await handshake(factory, conn, self._contexts(), self._listener, peer(conn)[1])
 
         return Acceptor(sock, connect, self._listener)
 
@@ -489,13 +490,16 @@ async def handshake(
         raise
 
 
-def _peer(conn: socket.socket) -> str:
+def peer(conn: socket.socket) -> tuple[str | None, str]:
+    """(the address `--trusted-proxy` is checked against, the peer for a log line); a peer on
+    a unix socket has the address "" (trusted as local), one that already left None."""
     try:
         addr = conn.getpeername()
     except OSError:
-        return "a peer that left"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return None, "a peer that left"
+    if conn.family == socket.AF_UNIX:
+        return "", f"the unix socket {conn.getsockname() or ''}".rstrip()
+    return str(addr[0]), host_port(str(addr[0]), int(addr[1]))
 
 
 def _handshake_reason(exc: BaseException) -> str:
