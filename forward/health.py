@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 2.0
 
 ADMIN: web.AppKey[Admin] = web.AppKey("admin")
+
+
+def labelled(
+    stats: Stats, name: str, text: str, label: str, members: Iterable[tuple[str, Stat]]
+) -> CounterMetricFamily:
+    """One counter family with a sample per (label value, Stat)."""
+    family = CounterMetricFamily(name, text, labels=[label])
+    for value, stat in members:
+        family.add_metric([value], stats.total(stat))
+    return family
 
 
 class StatsCollector(Collector):
@@ -50,18 +60,20 @@ class StatsCollector(Collector):
             "WebSocket sessions relayed to Rserve since start",
             value=s.total(Stat.SESSIONS_TOTAL),
         )
-        data = CounterMetricFamily(
-            "forward_relay_bytes", "bytes relayed, by direction", labels=["direction"]
+        yield labelled(
+            s,
+            "forward_relay_bytes",
+            "bytes relayed, by direction",
+            "direction",
+            (("to_r", Stat.BYTES_TO_R), ("from_r", Stat.BYTES_FROM_R)),
         )
-        data.add_metric(["to_r"], s.total(Stat.BYTES_TO_R))
-        data.add_metric(["from_r"], s.total(Stat.BYTES_FROM_R))
-        yield data
-        msgs = CounterMetricFamily(
-            "forward_relay_messages", "QAP messages relayed, by direction", labels=["direction"]
+        yield labelled(
+            s,
+            "forward_relay_messages",
+            "QAP messages relayed, by direction",
+            "direction",
+            (("to_r", Stat.MESSAGES_TO_R), ("from_r", Stat.MESSAGES_FROM_R)),
         )
-        msgs.add_metric(["to_r"], s.total(Stat.MESSAGES_TO_R))
-        msgs.add_metric(["from_r"], s.total(Stat.MESSAGES_FROM_R))
-        yield msgs
         yield CounterMetricFamily(
             "forward_backend_connect_failures",
             "sessions refused because the Rserve socket could not be reached",
@@ -82,22 +94,21 @@ class StatsCollector(Collector):
             "resumable sessions whose connection broke, waiting for their client",
             value=s.total(Stat.SESSIONS_PARKED),
         )
-        resume = CounterMetricFamily(
+        yield labelled(
+            s,
             "forward_resume_events",
             "session resume: parks, resumes, takeovers, expired parks, refused resumes, "
             "and stalls (reading from R paused for an unacknowledged window)",
-            labels=["event"],
+            "event",
+            (
+                ("park", Stat.PARKS),
+                ("resume", Stat.RESUMES),
+                ("takeover", Stat.TAKEOVERS),
+                ("expired", Stat.PARKS_EXPIRED),
+                ("refused", Stat.RESUMES_REFUSED),
+                ("stall", Stat.RESUME_STALLS),
+            ),
         )
-        for label, stat in (
-            ("park", Stat.PARKS),
-            ("resume", Stat.RESUMES),
-            ("takeover", Stat.TAKEOVERS),
-            ("expired", Stat.PARKS_EXPIRED),
-            ("refused", Stat.RESUMES_REFUSED),
-            ("stall", Stat.RESUME_STALLS),
-        ):
-            resume.add_metric([label], s.total(stat))
-        yield resume
         yield CounterMetricFamily(
             "forward_resume_replayed_bytes",
             "bytes of R's stream sent again to a client after it resumed",
@@ -108,20 +119,19 @@ class StatsCollector(Collector):
             "greeted Rserve connections waiting in the --warm pool",
             value=s.total(Stat.WARM_IDLE),
         )
-        warm = CounterMetricFamily(
+        yield labelled(
+            s,
             "forward_warm_events",
             "the --warm pool: connections handed to sessions, sessions that found it empty "
             "(miss), pooled connections R closed (discarded), failed attempts to open one",
-            labels=["event"],
+            "event",
+            (
+                ("handed", Stat.WARM_HANDED),
+                ("miss", Stat.WARM_MISSES),
+                ("discarded", Stat.WARM_DISCARDED),
+                ("failed", Stat.WARM_FAILURES),
+            ),
         )
-        for label, stat in (
-            ("handed", Stat.WARM_HANDED),
-            ("miss", Stat.WARM_MISSES),
-            ("discarded", Stat.WARM_DISCARDED),
-            ("failed", Stat.WARM_FAILURES),
-        ):
-            warm.add_metric([label], s.total(stat))
-        yield warm
         http = CounterMetricFamily(
             "forward_http_requests",
             "HTTP requests answered, by status (101: WebSocket)",
